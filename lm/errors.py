@@ -1,0 +1,8 @@
+"""The one exception type users see: a sentence saying what is wrong and how to fix it."""
+
+
+class LMError(Exception):
+    """A mistake in the user's input (config, files, run directory), not a bug.
+
+    The CLIs print its message as one line and exit non-zero, without a traceback.
+    """

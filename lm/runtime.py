@@ -1,0 +1,89 @@
+"""Everything a config compiles into: tokenizer, model, mesh, optimizer and jitted steps.
+
+`build(cfg)` is shared by training, evaluation, benchmarks and ahead-of-time compiles, so
+they all run exactly the step train.py runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from lm import sharding
+from lm.config import Config, ModelConfig
+from lm.errors import LMError
+from lm.model import Transformer
+from lm.optim import make_optimizer
+from lm.step import TrainState, eval_step, init_state, train_step
+from lm.tokenizer import ByteTokenizer
+
+
+def resolve_model(cfg: ModelConfig, tokenizer: ByteTokenizer) -> ModelConfig:
+    """Fills model.vocab_size from the tokenizer (or checks an explicit one is big enough)."""
+    if cfg.vocab_size == 0:
+        return dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise LMError(f"model.vocab_size={cfg.vocab_size} is below the tokenizer's {tokenizer.vocab_size} ids; "
+                      "raise it or set it to 0 to follow the tokenizer.")
+    return cfg
+
+
+@dataclasses.dataclass
+class Runtime:
+    """A compiled experiment: call `init()`, then `train_step(state, batch)`."""
+
+    cfg: Config
+    model: Transformer
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: TrainState
+    state_sharding: TrainState
+    batch_sharding: NamedSharding
+    init: Any
+    train_step: Any
+    eval_step: Any
+
+    @property
+    def restore_target(self) -> TrainState:
+        return sharding.with_shardings(self.abstract_state, self.state_sharding)
+
+    def place_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return sharding.to_global(local_batch, self.batch_sharding)
+
+    def place_step(self, step: int) -> jax.Array:
+        return jax.device_put(jnp.asarray(step, jnp.int32), self.state_sharding.step)
+
+    def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (batch_size or self.cfg.train.batch_size, self.cfg.train.seq_len)
+        spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        return {"inputs": spec, "targets": spec}
+
+
+def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
+    """Lays the config out on `devices` (default: all) and jits init, train and eval steps."""
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, tokenizer))
+    mesh = sharding.make_mesh(cfg.parallel, devices)
+    sharding.check_layout(cfg, mesh)
+    model = Transformer(cfg.model)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    rules = sharding.logical_rules(cfg.model, mesh)
+    abstract_state, state_sharding = sharding.state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
+    step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
+                          grad_accum_steps=cfg.train.grad_accum_steps),
+        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, model=model),
+                       in_shardings=(state_sharding.params, batch_sharding))
+    return Runtime(cfg, model, mesh, tx, schedule, abstract_state, state_sharding, batch_sharding,
+                   init, step, evaluate)

@@ -1,0 +1,131 @@
+"""Device mesh, logical-axis rules and shardings for parameters, optimizer state and batches.
+
+Mesh axes: `data` (batch only), `fsdp` (batch, plus parameters and optimizer state split
+along d_model), `tensor` (attention heads, MLP hidden width and vocabulary split).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lm.config import Config, ModelConfig, ParallelConfig
+from lm.errors import LMError
+from lm.step import TrainState
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed(cfg: ParallelConfig) -> None:
+    """Joins a multi-process run: explicit coordinator, or auto-detected on TPU pods and SLURM."""
+    if cfg.coordinator_address:
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes or None,
+                                   cfg.process_id if cfg.process_id >= 0 else None)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def mesh_shape(cfg: ParallelConfig, n_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); a -1 takes the devices the others leave."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n_devices % known:
+            raise LMError(f"the mesh axes given ({dict(zip(AXES, sizes))}) do not divide the {n_devices} devices; "
+                          "choose parallel.* sizes whose product divides the device count.")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise LMError(f"the mesh data*fsdp*tensor = {math.prod(sizes)} does not match the {n_devices} devices; "
+                      "set one of parallel.data, parallel.fsdp, parallel.tensor to -1 to fill the rest.")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: ParallelConfig, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def logical_rules(cfg: ModelConfig, mesh: Mesh) -> tuple[tuple[str, object], ...]:
+    """Logical parameter axes -> mesh axes. Vocabulary and KV heads fall back to replication."""
+    tensor = mesh.shape["tensor"]
+    return (
+        ("batch", BATCH_AXES),
+        ("vocab", "tensor" if cfg.vocab_size % tensor == 0 else None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor" if cfg.kv_heads % tensor == 0 else None),
+        ("mlp", "tensor"),
+        ("head_dim", None),
+        ("position", None),
+        ("norm", None),
+        ("layers", None),
+    )
+
+
+def check_layout(cfg: Config, mesh: Mesh) -> None:
+    """Rejects a config the mesh cannot lay out, before anything is compiled."""
+    m, t = cfg.model, cfg.train
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = t.batch_size // t.grad_accum_steps
+    checks = (
+        (micro % batch_ways == 0, f"train.batch_size/train.grad_accum_steps = {micro} is not divisible by "
+                                  f"parallel.data*parallel.fsdp = {batch_ways}; change the batch or the mesh."),
+        (m.n_heads % mesh.shape["tensor"] == 0, f"model.n_heads={m.n_heads} is not divisible by "
+                                                f"parallel.tensor={mesh.shape['tensor']}; change one of them."),
+        (m.ff_dim % mesh.shape["tensor"] == 0, f"model.d_ff={m.ff_dim} is not divisible by "
+                                               f"parallel.tensor={mesh.shape['tensor']}; change one of them."),
+        (m.d_model % mesh.shape["fsdp"] == 0, f"model.d_model={m.d_model} is not divisible by "
+                                              f"parallel.fsdp={mesh.shape['fsdp']}; change one of them."),
+        (t.batch_size % jax.process_count() == 0, f"train.batch_size={t.batch_size} is not divisible by the "
+                                                  f"{jax.process_count()} processes; change train.batch_size."),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise LMError(message)
+
+
+def param_shardings(model: nn.Module, mesh: Mesh, rules, seq_len: int):
+    """(abstract unboxed params, their NamedShardings) read from the model's logical axes."""
+    abstract = jax.eval_shape(lambda rng: model.init({"params": rng}, jax.numpy.zeros((1, seq_len), "int32")),
+                              jax.random.key(0))
+    specs = nn.get_partition_spec(abstract)["params"]
+    return nn.meta.unbox(abstract)["params"], nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seq_len: int):
+    """(abstract TrainState, TrainState of NamedShardings): optimizer moments follow their parameters."""
+    abstract_params, params_sharding = param_shardings(model, mesh, rules, seq_len)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, P())
+    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
+                                         transform_non_params=lambda _: replicated)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=abstract_params, opt_state=abstract_opt)
+    return abstract, TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding)
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying shardings: the restore target for Orbax."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def host_rows(global_batch: int) -> slice:
+    """The rows of each global batch this process loads."""
+    per_host = global_batch // jax.process_count()
+    return slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
+
+def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles each host's rows into global arrays laid out by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
