@@ -19,12 +19,12 @@ def shared_file(name: str) -> pathlib.Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shakespeare() -> pathlib.Path:
     return shared_file("tinyshakespeare.txt")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def grimm() -> pathlib.Path:
     return shared_file("grimm_tales.txt")
 

@@ -1,0 +1,74 @@
+import pytest
+import yaml
+
+from lm import config as config_lib
+from lm.config import load_config
+from lm.errors import LMError
+from tests.conftest import ROOT
+
+
+def test_yaml_and_overrides_are_typed():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["model.d_model=96", "model.n_heads=3", "optim.lr=3e-4", "model.dropout=0", "run_dir=/tmp/x"])
+    assert cfg.model.d_model == 96 and cfg.model.n_heads == 3
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert isinstance(cfg.model.dropout, float)
+    assert cfg.train.steps == 30  # from the file
+    assert cfg.run_dir == "/tmp/x"
+
+
+def test_every_config_file_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.d_modle=64", ["model.d_modle", "model.d_model"]),
+    ("trian.steps=3", ["trian.steps", "train.steps"]),
+    ("train.steps=ten", ["train.steps", "int"]),
+    ("model.tie_embeddings=3", ["model.tie_embeddings", "bool"]),
+    ("model.norm=batchnorm", ["model.norm", "rmsnorm"]),
+    ("model.n_heads=5", ["model.d_model", "model.n_heads"]),
+    ("model.n_kv_heads=3", ["model.n_kv_heads"]),
+    ("train.seq_len=4096", ["train.seq_len", "model.max_seq_len"]),
+    ("train.grad_accum_steps=3", ["train.batch_size", "train.grad_accum_steps"]),
+    ("model.dropout=1.5", ["model.dropout"]),
+    ("data.val_fraction=0", ["data.val_fraction"]),
+    ("train.steps=0", ["train.steps"]),
+    ("steps", ["key=value"]),
+])
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(LMError) as info:
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_rope_needs_even_head_dim():
+    with pytest.raises(LMError, match="even head dimension"):
+        load_config(None, ["model.position=rope", "model.d_model=60", "model.n_heads=4"])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(LMError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_non_mapping_and_missing_files(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(LMError, match="mapping"):
+        load_config(bad)
+    with pytest.raises(LMError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "shakespeare_cpu.yaml", ["seed=7"])
+    config_lib.save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"]["d_model"] == 128

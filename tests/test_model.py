@@ -1,0 +1,109 @@
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.config import ModelConfig
+from lm.model import Transformer, count_params
+from lm.step import init_params
+
+BASE = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, max_seq_len=16)
+VARIANTS = {
+    "gpt2": {},
+    "llama": dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_heads=2, use_bias=False, tie_embeddings=False),
+    "mqa_sinusoidal": dict(position="sinusoidal", n_kv_heads=1),
+    "layernorm_nobias_rope": dict(position="rope", use_bias=False),
+}
+
+
+def make(**kw):
+    cfg = dataclasses.replace(BASE, **kw)
+    model = Transformer(cfg)
+    return model, init_params(model, jax.random.key(0), 8)
+
+
+def tokens(b=2, t=12, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, BASE.vocab_size)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes_and_causality(variant):
+    model, params = make(**VARIANTS[variant])
+    x = tokens()
+    logits = model.apply({"params": params}, x)
+    assert logits.shape == (2, 12, BASE.vocab_size)
+    assert logits.dtype == jnp.float32
+    changed = x.at[:, 7].set((x[:, 7] + 1) % BASE.vocab_size)
+    logits2 = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(logits[:, :7], logits2[:, :7], atol=1e-6)  # the past ignores the future
+    assert not np.allclose(logits[:, 7:], logits2[:, 7:])
+
+
+def test_parameter_count_matches_hand_count():
+    d, f, v, p, L = 32, 128, 61, 16, 2
+    per_block = (2 * 2 * d) + (4 * (d * d + d)) + (d * f + f) + (f * d + d)  # 2 LayerNorms, qkvo, mlp
+    expected = v * d + p * d + L * per_block + 2 * d  # tied head, final norm
+    _, params = make()
+    assert count_params(params) == expected
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_query_shapes(kv_heads):
+    _, params = make(n_kv_heads=kv_heads)
+    assert params["block_0"]["attn"]["key"]["kernel"].shape == (32, kv_heads, 8)
+    assert params["block_0"]["attn"]["query"]["kernel"].shape == (32, 4, 8)
+
+
+def test_untied_head_and_swiglu_have_their_own_weights():
+    _, params = make(tie_embeddings=False, mlp="swiglu")
+    assert params["head"]["kernel"].shape == (32, BASE.vocab_size)
+    assert set(params["block_1"]["mlp"]) == {"up", "gate", "down"}
+
+
+def test_dropout_is_random_only_when_training():
+    model, params = make(dropout=0.5)
+    x = tokens()
+    a = model.apply({"params": params}, x)
+    np.testing.assert_array_equal(a, model.apply({"params": params}, x))
+    train = lambda seed: model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+    assert not np.allclose(train(1), train(2))
+    assert not np.allclose(train(1), a)
+
+
+def test_remat_and_scan_compute_the_same_function():
+    model, params = make()
+    x = tokens()
+    reference = model.apply({"params": params}, x)
+    remat_model = Transformer(dataclasses.replace(BASE, remat="block"))
+    np.testing.assert_allclose(remat_model.apply({"params": params}, x), reference, atol=1e-5)
+    scan_model = Transformer(dataclasses.replace(BASE, scan_layers=True, remat="dots_saveable"))
+    stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
+    stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), params["block_0"], params["block_1"])
+    scan_params = init_params(scan_model, jax.random.key(0), 8)
+    assert jax.tree.structure(scan_params) == jax.tree.structure(stacked)
+    np.testing.assert_allclose(scan_model.apply({"params": stacked}, x), reference, atol=1e-5)
+
+
+def test_segments_do_not_attend_across_documents():
+    model, params = make(position="rope")
+    x = tokens(1, 12)
+    segments = jnp.array([[1] * 5 + [2] * 7])
+    positions = jnp.array([list(range(5)) + list(range(7))])
+    out = model.apply({"params": params}, x, positions, segments)
+    other_first_doc = x.at[:, :5].set((x[:, :5] + 3) % BASE.vocab_size)
+    out2 = model.apply({"params": params}, other_first_doc, positions, segments)
+    np.testing.assert_allclose(out[:, 5:], out2[:, 5:], atol=1e-5)
+    alone = model.apply({"params": params}, x[:, 5:])  # the second document on its own
+    np.testing.assert_allclose(out[:, 5:], alone, atol=1e-5)
+
+
+def test_logical_axis_names_cover_every_parameter():
+    model = Transformer(dataclasses.replace(BASE, **VARIANTS["llama"]))
+    abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 8), jnp.int32)), jax.random.key(0))
+    specs = nn.get_partition_spec(abstract)["params"]
+    leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    assert leaves and all(len(s) >= 1 for s in leaves)
+    assert specs["token_embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")

@@ -1,0 +1,137 @@
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm.checkpoint import Checkpoints
+from lm.evaluate import eval_windows, evaluate
+from lm.runtime import build
+from lm.step import token_losses
+from lm.tokenizer import ByteTokenizer, load_tokenizer
+from lm.trainer import train
+from tests.conftest import ROOT
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run_dir, cfg, step):
+    rt = build(cfg, ByteTokenizer())
+    params, _ = Checkpoints(run_dir / "checkpoints", read_only=True).restore_params(step, rt.restore_target.params)
+    return jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shakespeare):
+    """One tiny 30-step run shared by the tests below."""
+    from lm.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={shakespeare}", f"run_dir={run_dir}"])
+    records = train(cfg)
+    return cfg, run_dir, records
+
+
+def test_training_writes_the_run_and_the_loss_falls(trained):
+    cfg, run_dir, records = trained
+    assert {"config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+    logged = read_metrics(run_dir)
+    assert logged == json.loads(json.dumps(records))
+    steps = [r for r in logged if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(steps[0])
+    assert [r["step"] for r in steps] == [1, 5, 10, 15, 20, 25, 30]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.5  # from ~ln(259)=5.56 to well below
+    vals = [r for r in logged if "val_loss" in r]
+    assert [r["step"] for r in vals] == [15, 30] and vals[-1]["val_loss"] < vals[0]["val_loss"]
+    assert Checkpoints(run_dir / "checkpoints", read_only=True).steps() == [20, 30]  # keep=2
+    assert load_tokenizer(run_dir).vocab_size == 259
+
+
+def test_resume_continues_exactly(trained, tmp_path):
+    cfg, run_dir, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    expected = final_params(run_dir, cfg, 30)
+    shutil.rmtree(copy / "checkpoints" / "30")  # as if killed between the checkpoints at 20 and 30
+    from lm.config import replace
+
+    records = train(replace(cfg, run_dir=str(copy)))
+    assert [r["step"] for r in records if "loss" in r] == [21, 25, 30]
+    original = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    resumed = {r["step"]: r for r in read_metrics(copy) if "loss" in r}
+    # Records past the checkpoint were dropped and logged again (plus the first step after resuming).
+    assert sorted(resumed) == sorted(set(original) | {21})
+    for step in (25, 30):
+        assert resumed[step]["loss"] == original[step]["loss"]
+        assert resumed[step]["grad_norm"] == original[step]["grad_norm"]
+    assert read_metrics(copy)[-1] == read_metrics(run_dir)[-1]  # the final val_loss record
+    got = final_params(copy, cfg, 30)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+def test_finished_run_rerun_does_nothing_and_model_change_is_refused(trained):
+    cfg, run_dir, _ = trained
+    from lm.config import replace
+    from lm.errors import LMError
+
+    assert train(cfg) == []
+    with pytest.raises(LMError, match="model.d_model"):
+        train(replace(cfg, **{"model.d_model": 32}))
+
+
+def test_eval_scores_every_token_once(trained, tmp_path):
+    cfg, run_dir, _ = trained
+    result = evaluate(str(run_dir))
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    val_chars = len(text) - int(len(text) * 0.9)
+    assert result["tokens"] == val_chars - 1 and result["step"] == 30
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))  # one byte per token
+    val_loss = [r for r in read_metrics(run_dir) if "val_loss" in r][-1]["val_loss"]
+    assert abs(result["loss"] - val_loss) < 0.15  # the random-window estimate is close to the exact value
+
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be: that is the question.")
+    exact = evaluate(str(run_dir), step=20, text_file=str(short))
+    rt = build(cfg, ByteTokenizer())
+    params = final_params(run_dir, cfg, 20)
+    ids = ByteTokenizer().encode(short.read_text())
+    windows = [ids[i:i + 33] for i in range(0, len(ids) - 1, 32)]
+    losses = np.concatenate([np.asarray(token_losses(params, rt.model, {"inputs": w[None, :-1], "targets": w[None, 1:]}))[0]
+                             for w in windows])
+    assert exact["tokens"] == len(ids) - 1 and exact["step"] == 20
+    assert exact["loss"] == pytest.approx(losses.mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("n, seq_len, stride", [(100, 16, None), (100, 16, 4), (17, 16, None), (5, 16, 3), (64, 8, 8)])
+def test_eval_windows_weight_each_target_once(n, seq_len, stride):
+    tokens = np.arange(n)
+    counts = np.zeros(n, int)
+    for w in eval_windows(tokens, seq_len, stride):
+        assert w["inputs"].shape == (seq_len,)
+        np.add.at(counts, w["targets"][w["weights"] == 1], 1)
+        valid = w["weights"] == 1
+        np.testing.assert_array_equal(w["targets"][valid], w["inputs"][valid] + 1)
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+def test_cli_end_to_end(tmp_path, shakespeare):
+    run_dir = tmp_path / "cli"
+    base = [sys.executable, "train.py", "--config", "configs/tiny.yaml", f"data.text_file={shakespeare}",
+            f"run_dir={run_dir}", "train.steps=6", "checkpoint.every=3", "log.every=3", "eval.every=0"]
+    done = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "step      6/6" in done.stdout
+    out = subprocess.run([sys.executable, "eval.py", "--run_dir", str(run_dir), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens", "step"}
+    bad = subprocess.run(base + ["model.n_heds=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: unknown config key 'model.n_heds'. Did you mean 'model.n_heads'?"]
