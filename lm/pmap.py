@@ -60,6 +60,12 @@ def check_pmap_layout(cfg: Config, n_devices: int) -> None:
             raise LMError(message)
 
 
+def _as_global(tree, shardings):
+    """pmap's replicated outputs are host-local on several hosts; view them as global arrays (no copy)."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_single_device_arrays(
+        x.shape, s, [shard.data for shard in x.addressable_shards]), tree, shardings)
+
+
 def build_pmap(cfg: Config, tokenizer, devices=None) -> PmapRuntime:
     """Like `runtime.build`, but jax.pmap over `devices` (default: all) with replicated state."""
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, tokenizer))
@@ -74,10 +80,15 @@ def build_pmap(cfg: Config, tokenizer, devices=None) -> PmapRuntime:
 
     psum = functools.partial(jax.lax.psum, axis_name=AXIS)
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
-    step = jax.pmap(
+    pmapped_step = jax.pmap(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
                           grad_accum_steps=cfg.train.grad_accum_steps, reduce=psum),
         axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None), devices=devices, donate_argnums=0)
+
+    def step(state, batch):
+        state, metrics = pmapped_step(state, batch)
+        return (_as_global(state, state_sharding) if jax.process_count() > 1 else state), metrics
+
     evaluate = jax.pmap(lambda params, batch: psum(eval_step(params, batch, model=model)),
                         axis_name=AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
     return PmapRuntime(cfg, model, mesh, tx, schedule, abstract_state, state_sharding,

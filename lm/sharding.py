@@ -25,6 +25,8 @@ BATCH_AXES = ("data", "fsdp")
 
 def maybe_initialize_distributed(cfg: ParallelConfig) -> None:
     """Joins a multi-process run: explicit coordinator, or auto-detected on TPU pods and SLURM."""
+    if jax.distributed.is_initialized():
+        return
     if cfg.coordinator_address:
         jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes or None,
                                    cfg.process_id if cfg.process_id >= 0 else None)
