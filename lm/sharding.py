@@ -24,14 +24,22 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed(cfg: ParallelConfig) -> None:
-    """Joins a multi-process run: explicit coordinator, or auto-detected on TPU pods and SLURM."""
+    """Joins a multi-process run once: explicit parallel.* settings, or detected under SLURM / on TPU pods.
+
+    parallel.num_processes > 1 alone is enough where JAX can detect the rest (Cloud TPU VMs, SLURM).
+    """
     if jax.distributed.is_initialized():
         return
-    if cfg.coordinator_address:
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes or None,
+    detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not (cfg.coordinator_address or cfg.num_processes > 1 or detected):
+        return
+    try:
+        jax.distributed.initialize(cfg.coordinator_address or None, cfg.num_processes or None,
                                    cfg.process_id if cfg.process_id >= 0 else None)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise LMError(f"could not join the multi-process run ({reason}); check parallel.coordinator_address, "
+                      "parallel.num_processes and parallel.process_id.") from None
 
 
 def mesh_shape(cfg: ParallelConfig, n_devices: int) -> tuple[int, int, int]:
