@@ -33,9 +33,12 @@ def maybe_initialize_distributed(cfg: ParallelConfig) -> None:
     detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if not (cfg.coordinator_address or cfg.num_processes > 1 or detected):
         return
+    local_devices = None  # JAX's SLURM detection gives each process one GPU: that of SLURM_LOCALID
+    if os.environ.get("SLURM_NTASKS_PER_NODE") == "1" and os.environ.get("SLURM_GPUS_ON_NODE"):
+        local_devices = list(range(int(os.environ["SLURM_GPUS_ON_NODE"])))  # one process per node: all its GPUs
     try:
         jax.distributed.initialize(cfg.coordinator_address or None, cfg.num_processes or None,
-                                   cfg.process_id if cfg.process_id >= 0 else None)
+                                   cfg.process_id if cfg.process_id >= 0 else None, local_devices)
     except (RuntimeError, ValueError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise LMError(f"could not join the multi-process run ({reason}); check parallel.coordinator_address, "

@@ -89,17 +89,20 @@ def train_args(args: dict, run_dir: str, *overrides: str) -> list[str]:
 
 
 def case_one_device(args: dict) -> dict:
-    """Baseline losses and the precision/memory variants; then eval.py on a run from elsewhere."""
+    """Baseline losses and the precision/memory variants."""
     out = {name: runtime_losses(tiny(args, *ov), steps)[2] for name, ov, steps in (
         ("baseline", (), STEPS + 1), ("bfloat16", ("model.dtype=bfloat16",), STEPS),
         ("remat", ("model.remat=block",), STEPS))}
     out["scan"] = runtime_losses(tiny(args, "model.scan_layers=true"), params=stacked_init(tiny(args)))[2]
-    if args.get("eval_run_dir"):
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout):
-            eval_main(["--run_dir", args["eval_run_dir"], "--json"])
-        out["eval"] = json.loads(stdout.getvalue().splitlines()[-1])
     return out
+
+
+def case_evaluate(args: dict) -> dict:
+    """eval.py --json on the run in run_dir."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        eval_main(["--run_dir", args["run_dir"], "--json"])
+    return {**json.loads(stdout.getvalue().splitlines()[-1]), "devices": jax.device_count()}
 
 
 def case_eight_devices(args: dict) -> dict:

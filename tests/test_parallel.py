@@ -21,7 +21,6 @@ from tests.conftest import ROOT, shared_file
 WORKER = ROOT / "tests" / "parallel_worker.py"
 F32_BOUND = 1e-5  # float32 rounding after 4-5 steps of the tiny model
 BF16_BOUND = 0.05  # bfloat16 activations vs float32, same steps
-pytestmark = pytest.mark.slow
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -35,11 +34,15 @@ def _result(proc_stdout: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def run_worker(case: str, args: dict, devices: int) -> dict:
-    proc = subprocess.run([sys.executable, str(WORKER), case, json.dumps(args)], env=_env(devices),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return _result(proc.stdout)
+def start_worker(case: str, args: dict, devices: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), case, json.dumps(args)], env=_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-4000:]
+    return _result(out)
 
 
 def max_diff(a, b) -> float:
@@ -58,23 +61,31 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eight(text_file, run_dir):
-    """Losses and layouts on 8 devices; train.py with fsdp=4, tensor=2 checkpoints run_dir."""
-    return run_worker("eight_devices", {"text_file": text_file, "run_dir": run_dir}, devices=8)
+def layouts(text_file, run_dir):
+    """Side by side: the 1-device baselines, and the 8-device layouts plus a train.py run into run_dir."""
+    one = start_worker("one_device", {"text_file": text_file}, devices=1)
+    eight = start_worker("eight_devices", {"text_file": text_file, "run_dir": run_dir}, devices=8)
+    return finish(one), finish(eight)
+
+
+@pytest.fixture(scope="module")
+def one(layouts):
+    return layouts[0]
+
+
+@pytest.fixture(scope="module")
+def eight(layouts):
+    return layouts[1]
 
 
 @pytest.fixture(scope="module")
 def resumed(eight, text_file, run_dir):
-    """run_dir's last checkpoint dropped, then resumed on 2 devices in pmap mode."""
-    return run_worker("resume", {"text_file": text_file, "run_dir": run_dir}, devices=2)
+    """run_dir's last checkpoint dropped, resumed on 2 devices in pmap mode, evaluated there and on 1."""
+    resumed = finish(start_worker("resume", {"text_file": text_file, "run_dir": run_dir}, devices=2))
+    return {**resumed, "eval_1": finish(start_worker("evaluate", {"run_dir": run_dir}, devices=1))}
 
 
-@pytest.fixture(scope="module")
-def one(resumed, text_file, run_dir):
-    """The 1-device baselines, and eval.py of run_dir on 1 device."""
-    return run_worker("one_device", {"text_file": text_file, "eval_run_dir": run_dir}, devices=1)
-
-
+@pytest.mark.slow
 def test_losses_agree_on_every_layout(eight, one):
     baseline = one["baseline"][:4]
     assert baseline[-1] < baseline[0] - 0.1  # it trains
@@ -85,6 +96,7 @@ def test_losses_agree_on_every_layout(eight, one):
     assert eight["accum4"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
 
 
+@pytest.mark.slow
 def test_parameters_and_optimizer_state_are_sharded_as_configured(eight):
     layout = eight["fsdp4_tensor2"]["layout"]
     block = ".params['block_0']"
@@ -104,6 +116,7 @@ def test_parameters_and_optimizer_state_are_sharded_as_configured(eight):
     assert {spec for spec, _ in eight["pmap"]["layout"].values()} == {"P()"}
 
 
+@pytest.mark.slow
 def test_bad_layouts_are_one_sentence_errors(eight):
     errors = eight["errors"]
     for name, key in (("batch", "parallel.data*parallel.fsdp"), ("heads", "model.n_heads=4"),
@@ -113,18 +126,21 @@ def test_bad_layouts_are_one_sentence_errors(eight):
         assert message.endswith(".") and "\n" not in message and message.count("; ") == 1, message
 
 
-def test_checkpoint_from_eight_devices_resumes_on_two_in_pmap_and_evaluates_on_one(eight, resumed, one):
+@pytest.mark.slow
+def test_checkpoint_from_eight_devices_resumes_on_two_in_pmap_and_evaluates_on_one(resumed, one):
     five = one["baseline"]
     before = resumed["before"]  # what `train.py ... parallel.fsdp=4 parallel.tensor=2` logged on 8 devices
     assert max_diff([before[str(s)] for s in range(1, 6)], five) < F32_BOUND
     after = resumed["after"]
     assert resumed["devices"] == 2
     assert max_diff([after[str(s)] for s in (4, 5)], five[3:]) < F32_BOUND
-    assert one["eval"]["step"] == 5 and one["eval"]["tokens"] > 10_000
-    assert max_diff([one["eval"]["loss"]], [resumed["eval"]["loss"]]) < F32_BOUND
-    assert math.isfinite(one["eval"]["loss"]) and one["eval"]["loss"] < five[0]
+    eval_1, eval_2 = resumed["eval_1"], resumed["eval"]  # eval.py on 1 device, evaluate() on 2
+    assert eval_1["devices"] == 1 and eval_1["step"] == 5 and eval_1["tokens"] > 10_000
+    assert max_diff([eval_1["loss"]], [eval_2["loss"]]) < F32_BOUND
+    assert math.isfinite(eval_1["loss"]) and eval_1["loss"] < five[0]
 
 
+@pytest.mark.slow
 def test_precision_and_memory_options(one):
     baseline = one["baseline"][:4]
     assert 0 < max_diff(one["bfloat16"], baseline) < BF16_BOUND  # runs in bfloat16, close to float32
@@ -138,22 +154,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: dict, devices: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), "train", json.dumps(args)], env=_env(devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_four_devices(text_file, tmp_path):
     """Two processes with 2 devices each (jax.distributed on 127.0.0.1) vs one process with 4."""
     port = _free_port()
-    procs = [_launch({"text_file": text_file, "run_dir": str(tmp_path / "two"),
+    procs = [start_worker("train", {"text_file": text_file, "run_dir": str(tmp_path / "two"),
                       "overrides": [f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
                                     f"parallel.process_id={i}"]}, devices=2) for i in range(2)]
-    procs.append(_launch({"text_file": text_file, "run_dir": str(tmp_path / "one")}, devices=4))
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-4000:]
-    first, second, single = (_result(out) for out, _ in outputs)
+    procs.append(start_worker("train", {"text_file": text_file, "run_dir": str(tmp_path / "one")}, devices=4))
+    first, second, single = (finish(p) for p in procs)
     assert (first["process_index"], second["process_index"]) == (0, 1)
     assert first["process_count"] == 2 and first["devices"] == 4
     assert single["process_count"] == 1 and single["devices"] == 4
@@ -164,3 +173,29 @@ def test_two_processes_train_like_one_with_four_devices(text_file, tmp_path):
         assert steps == [str(s) for s in range(1, 6)]
         assert max_diff([first[mode]["losses"][s] for s in steps], [single[mode]["losses"][s] for s in steps]) \
             < F32_BOUND, mode
+
+
+@pytest.mark.parametrize("env, overrides, expected", [
+    ({}, {}, None),
+    ({}, {"num_processes": 4}, ((None, 4, None, None),)),
+    ({"SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}, {}, ((None, None, None, None),)),
+    ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "4"}, {},
+     ((None, None, None, [0, 1, 2, 3]),)),
+    ({}, {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1},
+     (("10.0.0.1:1234", 2, 1, None),)),
+])
+def test_when_processes_join_a_distributed_run(monkeypatch, env, overrides, expected):
+    import jax
+
+    from lm.config import ParallelConfig
+    from lm.sharding import maybe_initialize_distributed
+
+    for key in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+    maybe_initialize_distributed(ParallelConfig(**overrides))
+    assert tuple(calls) == (expected or ())
