@@ -72,9 +72,9 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     # Evaluate on whatever devices are here, with a batch every device gets a share of.
     ways = jax.device_count()
     batch_size = -(-(cfg.eval.batch_size or cfg.train.batch_size) // ways) * ways
-    cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1, "parallel.tensor": 1,
-                                     "train.batch_size": batch_size, "eval.batch_size": batch_size,
-                                     "train.grad_accum_steps": 1})
+    cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
+                                     "parallel.tensor": 1, "train.batch_size": batch_size,
+                                     "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
     rt = build(cfg, tokenizer)
     params, _ = ckpts.restore_params(step, rt.restore_target.params)
 
