@@ -14,7 +14,6 @@ from lm import config as config_lib
 from lm.checkpoint import Checkpoints
 from lm.errors import LMError
 from lm.runtime import build
-from lm.sharding import host_rows
 from lm.text_data import read_text, split_text
 from lm.tokenizer import load_tokenizer
 from lm.trainer import CHECKPOINT_DIR, CONFIG_FILE
@@ -73,8 +72,9 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     # Evaluate on whatever devices are here, with a batch every device gets a share of.
     ways = jax.device_count()
     batch_size = -(-(cfg.eval.batch_size or cfg.train.batch_size) // ways) * ways
-    cfg = config_lib.replace(cfg, **{"parallel.data": -1, "parallel.fsdp": 1, "parallel.tensor": 1,
-                                     "train.batch_size": batch_size, "train.grad_accum_steps": 1})
+    cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
+                                     "parallel.tensor": 1, "train.batch_size": batch_size,
+                                     "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
     rt = build(cfg, tokenizer)
     params, _ = ckpts.restore_params(step, rt.restore_target.params)
 
@@ -89,7 +89,7 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
     for batch in _batches(eval_windows(tokens, rt.cfg.train.seq_len, stride), batch_size):
         total_bytes += int((tokenizer.byte_lengths(batch["targets"]) * batch["weights"]).sum())
-        local = {k: v[host_rows(batch_size)] for k, v in batch.items()}
+        local = {k: v[rt.host_rows(batch_size)] for k, v in batch.items()}
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
         total_loss, total_tokens = total_loss + float(loss_sum), total_tokens + float(weight_sum)
     ckpts.close()

@@ -55,6 +55,10 @@ class Runtime:
     def restore_target(self) -> TrainState:
         return sharding.with_shardings(self.abstract_state, self.state_sharding)
 
+    def host_rows(self, batch_size: int) -> np.ndarray:
+        """The rows of a global batch of `batch_size` that this process loads."""
+        return sharding.host_rows(batch_size, self.batch_sharding)
+
     def place_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.to_global(local_batch, self.batch_sharding)
 
@@ -69,6 +73,9 @@ class Runtime:
 
 def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
     """Lays the config out on `devices` (default: all) and jits init, train and eval steps."""
+    if cfg.parallel.mode == "pmap":
+        from lm.pmap import build_pmap  # lm.pmap builds on this module
+        return build_pmap(cfg, tokenizer, devices)
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, tokenizer))
     mesh = sharding.make_mesh(cfg.parallel, devices)
     sharding.check_layout(cfg, mesh)

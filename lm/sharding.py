@@ -24,12 +24,25 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed(cfg: ParallelConfig) -> None:
-    """Joins a multi-process run: explicit coordinator, or auto-detected on TPU pods and SLURM."""
-    if cfg.coordinator_address:
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes or None,
-                                   cfg.process_id if cfg.process_id >= 0 else None)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
+    """Joins a multi-process run once: explicit parallel.* settings, or detected under SLURM / on TPU pods.
+
+    parallel.num_processes > 1 alone is enough where JAX can detect the rest (Cloud TPU VMs, SLURM).
+    """
+    if jax.distributed.is_initialized():
+        return
+    detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not (cfg.coordinator_address or cfg.num_processes > 1 or detected):
+        return
+    local_devices = None  # JAX's SLURM detection gives each process one GPU: that of SLURM_LOCALID
+    if os.environ.get("SLURM_NTASKS_PER_NODE") == "1" and os.environ.get("SLURM_GPUS_ON_NODE"):
+        local_devices = list(range(int(os.environ["SLURM_GPUS_ON_NODE"])))  # one process per node: all its GPUs
+    try:
+        jax.distributed.initialize(cfg.coordinator_address or None, cfg.num_processes or None,
+                                   cfg.process_id if cfg.process_id >= 0 else None, local_devices)
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise LMError(f"could not join the multi-process run ({reason}); check parallel.coordinator_address, "
+                      "parallel.num_processes and parallel.process_id.") from None
 
 
 def mesh_shape(cfg: ParallelConfig, n_devices: int) -> tuple[int, int, int]:
@@ -84,6 +97,9 @@ def check_layout(cfg: Config, mesh: Mesh) -> None:
                                                f"parallel.tensor={mesh.shape['tensor']}; change one of them."),
         (m.d_model % mesh.shape["fsdp"] == 0, f"model.d_model={m.d_model} is not divisible by "
                                               f"parallel.fsdp={mesh.shape['fsdp']}; change one of them."),
+        ((cfg.eval.batch_size or t.batch_size) % batch_ways == 0,
+         f"eval.batch_size={cfg.eval.batch_size or t.batch_size} is not divisible by "
+         f"parallel.data*parallel.fsdp = {batch_ways}; change eval.batch_size or the mesh."),
         (t.batch_size % jax.process_count() == 0, f"train.batch_size={t.batch_size} is not divisible by the "
                                                   f"{jax.process_count()} processes; change train.batch_size."),
     )
@@ -120,12 +136,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def host_rows(global_batch: int) -> slice:
-    """The rows of each global batch this process loads."""
-    per_host = global_batch // jax.process_count()
-    return slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+def host_rows(global_batch: int, batch_sharding: NamedSharding | None = None) -> np.ndarray:
+    """Indices of the rows of each global batch this process loads: those its devices hold.
+
+    Without a sharding, process i takes the i-th equal block. Processes whose devices are
+    replicas along the batch (e.g. `tensor` spanning hosts) load the same rows.
+    """
+    if batch_sharding is None:
+        per_host = global_batch // jax.process_count()
+        return np.arange(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+    index_map = batch_sharding.addressable_devices_indices_map((global_batch,))
+    return np.unique(np.concatenate([np.arange(global_batch)[index[0]] for index in index_map.values()]))
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles each host's rows into global arrays laid out by `sharding`."""
+    """Assembles each host's rows (in `host_rows` order) into global arrays laid out by `sharding`."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

@@ -19,7 +19,7 @@ from lm.checkpoint import Checkpoints
 from lm.config import Config
 from lm.errors import LMError
 from lm.runtime import Runtime, build
-from lm.sharding import host_rows, maybe_initialize_distributed
+from lm.sharding import maybe_initialize_distributed
 from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
 from lm.tokenizer import make_tokenizer, save_tokenizer
 
@@ -90,7 +90,7 @@ def validation_loss(rt: Runtime, params, data: TextData) -> float:
     total, weight = 0.0, 0.0
     for i in range(cfg.eval.batches):
         local = random_windows(data.val, cfg.seed, i, VAL_STREAM, batch_size, cfg.train.seq_len,
-                               host_rows(batch_size))
+                               rt.host_rows(batch_size))
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
         total, weight = total + float(loss_sum), weight + float(weight_sum)
     return total / weight
@@ -139,7 +139,7 @@ def train(cfg: Config) -> list[dict]:
 
     for step in range(start, cfg.train.steps):
         local = random_windows(data.train, cfg.seed, step, TRAIN_STREAM, cfg.train.batch_size,
-                               cfg.train.seq_len, host_rows(cfg.train.batch_size))
+                               cfg.train.seq_len, rt.host_rows(cfg.train.batch_size))
         state, metrics = rt.train_step(state, rt.place_batch(local))
         flush()  # the previous step's metrics, read while this step runs
         done = step + 1
