@@ -14,15 +14,14 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")  # the `hf` extra; CI installs it
-transformers = pytest.importorskip("transformers")
+import jax.numpy as jnp
+import torch  # the `hf` extra (pip install -e ".[test,hf]"), which CI installs
+import transformers
 
-import jax.numpy as jnp  # noqa: E402
-
-from lm import hf  # noqa: E402
-from lm.cli import eval_main  # noqa: E402
-from lm.config import load_config  # noqa: E402
-from lm.errors import LMError  # noqa: E402
+from lm import hf
+from lm.cli import eval_main
+from lm.config import load_config
+from lm.errors import LMError
 
 TOL = 1e-4
 
