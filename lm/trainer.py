@@ -21,7 +21,7 @@ from lm.errors import LMError
 from lm.runtime import Runtime, build
 from lm.sharding import host_rows, maybe_initialize_distributed
 from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
-from lm.tokenizer import load_tokenizer, make_tokenizer, save_tokenizer
+from lm.tokenizer import TOKENIZER_FILE, load_tokenizer, make_tokenizer, save_tokenizer
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -105,7 +105,8 @@ def train(cfg: Config) -> list[dict]:
     maybe_initialize_distributed(cfg.parallel)
     run_dir = prepare_run_dir(cfg)
     # An imported model (python -m lm.hf import) keeps the tokenizer stored in its run_dir.
-    tokenizer = load_tokenizer(run_dir) if cfg.data.tokenizer == "hf" else make_tokenizer(cfg.data.tokenizer)
+    imported = cfg.data.tokenizer == "hf" and (run_dir / TOKENIZER_FILE).is_file()
+    tokenizer = load_tokenizer(run_dir) if imported else make_tokenizer(cfg.data.tokenizer)
     data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)
     if jax.process_index() == 0:
         save_tokenizer(tokenizer, run_dir)

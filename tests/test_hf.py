@@ -184,3 +184,26 @@ def test_export_refuses_models_without_hf_equivalent(tiny_config):
     cfg = replace(tiny_config(), **{"model.position": "sinusoidal"})
     with pytest.raises(LMError, match="no Hugging Face equivalent"):
         hf.hf_config(cfg.model)
+
+
+def test_hf_tokenizers_round_trip_and_count_bytes(hf_models, tmp_path):
+    from lm import hf_tokenizer
+
+    text = hf_models["text"][:5000]
+    bpe = hf_tokenizer.HFTokenizer(hf_models["gpt2"][0] / "tokenizer.json")
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    assert bpe.byte_lengths(ids).sum() == len(text.encode("utf-8"))  # byte-level BPE: exact
+    spm = hf_tokenizer.HFTokenizer(hf_models["llama"][0] / "tokenizer.model")
+    ids = spm.encode(text)
+    assert spm.decode(ids).split() == text.split()  # SentencePiece normalises whitespace
+    assert abs(spm.byte_lengths(ids).sum() / len(text.encode("utf-8")) - 1) < 0.05
+    with pytest.raises(LMError, match="cannot read tokenizer"):
+        hf_tokenizer.HFTokenizer(tmp_path / "missing.json")
+
+
+def test_train_with_hf_tokenizer_needs_an_imported_run(tiny_config):
+    from lm.trainer import train
+
+    with pytest.raises(LMError, match="lm.hf import"):
+        train(tiny_config("data.tokenizer=hf"))
