@@ -35,7 +35,7 @@ def test_auto_choice():
 def test_available_kernels_agree(dtype, tol):
     """Logits of every kernel usable here equal XLA's (bf16 tolerance: a few bf16 ulps of O(1) logits)."""
     kernels = ["xla", "auto"] + (["cudnn"] if jax.default_backend() == "gpu" and dtype == "bfloat16" else [])
-    base = ModelConfig(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=32,
+    base = ModelConfig(vocab_size=64, n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=32,
                        position="rope", init_std=0.1, dtype=dtype)
     params = init_params(Transformer(base), jax.random.key(0), 8)
     tokens_BxT = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 32)))

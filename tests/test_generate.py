@@ -48,10 +48,12 @@ def test_cached_decoding_matches_full_forward(arch):
     assert float(jnp.abs(full_BxTxV).max()) > 1.0
     np.testing.assert_allclose(cached_BxTxV, full_BxTxV, atol=1e-5, rtol=0)
 
-    # Greedy (for GPT-2 also seeded sampling) with the cache equals re-running the whole window per token.
-    prompt = np.asarray(tokens_BxT[:, :6])
-    samplings = [gen.Sampling(temperature=0.0)] + ([gen.Sampling(1.0, top_k=8, top_p=0.9)] if arch == "gpt2" else [])
-    for sampling in samplings:
+
+def test_cached_generation_matches_full_forward_generation():
+    """Greedy and seeded sampling with the cache equal re-running the whole window per token."""
+    cfg, params = _model("gpt2")
+    prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 6))
+    for sampling in (gen.Sampling(temperature=0.0), gen.Sampling(1.0, top_k=8, top_p=0.9)):
         cached = gen.generate(params, cfg, prompt, 10, sampling, seed=3)
         full = gen.generate(params, cfg, prompt, 10, sampling, seed=3, use_cache=False)
         np.testing.assert_array_equal(cached, full)

@@ -105,6 +105,7 @@ def test_export_of_import_reproduces_logits(hf_models, tmp_path, arch):
     assert (out_dir / tokenizer_file).read_bytes() == (hf_dir / tokenizer_file).read_bytes()
 
 
+@pytest.mark.slow
 def test_eval_perplexity_of_imported_gpt2_matches_transformers(hf_models, tmp_path, capsys):
     from tokenizers import Tokenizer
 
@@ -131,6 +132,7 @@ def test_eval_perplexity_of_imported_gpt2_matches_transformers(hf_models, tmp_pa
     assert abs(math.log(ours["perplexity"]) - math.log(reference.config.vocab_size)) > 0.1
 
 
+@pytest.mark.slow
 def test_imported_run_continues_training(hf_models, tmp_path, shakespeare):
     import jax
 
