@@ -165,19 +165,20 @@ def main(argv: list[str] | None = None) -> None:
     def run():
         from lm.restore import restore_run
 
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        sampling.check()
         r = restore_run(args.run_dir, args.step, batch_size=1)
-        ids = r.tokenizer.encode(args.prompt)
-        cfg = r.cfg.model
-        if len(ids) + args.max_new_tokens > cfg.max_seq_len:
-            print(f"note: prompt cut to its last {cfg.max_seq_len - args.max_new_tokens} tokens to fit the "
-                  f"{cfg.max_seq_len}-token context", file=sys.stderr)
+        ids, cfg = r.tokenizer.encode(args.prompt), r.cfg.model
+        kept = fit_prompt(ids, cfg.max_seq_len, args.max_new_tokens)
+        if len(kept) < len(ids):
+            print(f"note: prompt cut to its last {len(kept)} tokens to fit the {cfg.max_seq_len}-token context",
+                  file=sys.stderr)
         if args.bench:
             rates = benchmark(r.params, cfg, ids, args.max_new_tokens)
             print(f"{args.max_new_tokens} new tokens on {jax.devices()[0].platform}: "
                   f"{rates['with_cache']:,.1f} tok/s with KV cache | {rates['without_cache']:,.1f} tok/s without "
                   f"({rates['with_cache'] / rates['without_cache']:.1f}x)")
             return
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
         new = generate(r.params, cfg, ids, args.max_new_tokens, sampling, args.seed)
         print(args.prompt + r.tokenizer.decode(new[0]))
 
