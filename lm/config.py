@@ -148,7 +148,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "auto"),
     "model.remat": REMAT_POLICIES,
-    "data.tokenizer": ("byte",),
+    "data.tokenizer": ("byte", "hf"),
     "parallel.mode": ("mesh", "pmap"),
 }
 

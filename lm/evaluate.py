@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from typing import Iterator
 
-import jax
 import numpy as np
 
-from lm import config as config_lib
-from lm.checkpoint import Checkpoints
 from lm.errors import LMError
-from lm.runtime import build
+from lm.restore import restore_run
 from lm.text_data import read_text, split_text
-from lm.tokenizer import load_tokenizer
-from lm.trainer import CHECKPOINT_DIR, CONFIG_FILE
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, stride: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -60,23 +54,9 @@ def _batches(windows: Iterator[dict], batch_size: int) -> Iterator[dict[str, np.
 def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None,
              stride: int | None = None) -> dict:
     """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest)."""
-    run_dir = pathlib.Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise LMError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}); pass the run_dir train.py wrote.")
-    cfg = config_lib.load_config(run_dir / CONFIG_FILE)
-    tokenizer = load_tokenizer(run_dir)
-    ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, read_only=True)
-    step = ckpts.latest() if step is None else step
-    if step is None:
-        raise LMError(f"'{run_dir}' has no checkpoints yet; train it first (python train.py ... run_dir={run_dir}).")
-    # Evaluate on whatever devices are here, with a batch every device gets a share of.
-    ways = jax.device_count()
-    batch_size = -(-(cfg.eval.batch_size or cfg.train.batch_size) // ways) * ways
-    cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
-                                     "parallel.tensor": 1, "train.batch_size": batch_size,
-                                     "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
-    rt = build(cfg, tokenizer)
-    params, _ = ckpts.restore_params(step, rt.restore_target.params)
+    run = restore_run(run_dir, step)
+    cfg, tokenizer, rt, params, step = run.cfg, run.tokenizer, run.runtime, run.params, run.step
+    batch_size = cfg.train.batch_size
 
     if text_file:
         text = read_text(dataclasses.replace(cfg.data, text_file=text_file, sha256=""))
@@ -92,7 +72,6 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
         local = {k: v[rt.host_rows(batch_size)] for k, v in batch.items()}
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
         total_loss, total_tokens = total_loss + float(loss_sum), total_tokens + float(weight_sum)
-    ckpts.close()
     loss = total_loss / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": total_loss / math.log(2) / max(total_bytes, 1),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
+from lm.errors import LMError
 
 
 def normal_init(std: float, names: tuple[str, ...]):
@@ -58,14 +59,31 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=zeros_init(("norm",)), **common)
 
 
-def _attention_impl(name: str) -> str | None:
-    return {"xla": "xla", "cudnn": "cudnn", "auto": None}[name]
+def attention_impl(name: str, dtype, head_dim: int, has_mask: bool, platform: str | None = None) -> str:
+    """The `jax.nn.dot_product_attention` implementation for model.attention=xla|cudnn|auto.
+
+    `auto` picks cuDNN's fused flash attention on a GPU where it applies (bf16/fp16, head
+    width a multiple of 8 up to 128, no packed-document mask), and XLA everywhere else.
+    """
+    platform = platform or jax.default_backend()
+    if name == "cudnn" and platform != "gpu":
+        raise LMError(f"model.attention=cudnn needs an NVIDIA GPU but this is {platform}; use auto or xla.")
+    if name != "auto":
+        return name
+    fused_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if platform == "gpu" and fused_ok and not has_mask else "xla"
 
 
 class Attention(nn.Module):
-    """Causal self-attention with n_kv_heads <= n_heads (multi-head, grouped- or multi-query)."""
+    """Causal self-attention with n_kv_heads <= n_heads (multi-head, grouped- or multi-query).
+
+    With `decode=True` keys and values are kept in a "cache" collection ([B, S, K, H] plus
+    a write index): each call appends its T positions and attends to everything cached so
+    far, so generating one token costs one position. `model.init` on a [B, S] input sizes it.
+    """
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
@@ -84,14 +102,31 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
             k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        if self.decode:
+            k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT = self._extend_cache(k_BxTxKxH, v_BxTxKxH)
+            impl = "xla"  # one query position per step: memory-bound, and the mask is arbitrary
+        else:
+            impl = attention_impl(cfg.attention, cfg.dtype, H, mask_Bx1xTxT is not None)
         out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=True,
-            implementation=_attention_impl(cfg.attention))
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=not self.decode,
+            implementation=impl)
         return nn.DenseGeneral(
             x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             kernel_init=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layers), ("heads", "head_dim", "embed")),
             bias_init=zeros_init(("embed",)), name="out")(out_BxTxNxH)
+
+    def _extend_cache(self, k_BxTxKxH, v_BxTxKxH):
+        """Writes this chunk at the cache index; returns all cached keys/values [B, S, K, H] and the mask."""
+        key = self.variable("cache", "cached_key", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+        value = self.variable("cache", "cached_value", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        start, T, S = index.value, k_BxTxKxH.shape[1], key.value.shape[1]
+        key.value = jax.lax.dynamic_update_slice(key.value, k_BxTxKxH.astype(key.value.dtype), (0, start, 0, 0))
+        value.value = jax.lax.dynamic_update_slice(value.value, v_BxTxKxH.astype(value.value.dtype), (0, start, 0, 0))
+        index.value = start + T
+        mask_1x1xTxS = (jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None])[None, None]
+        return key.value, value.value, mask_1x1xTxS
 
 
 class MLP(nn.Module):

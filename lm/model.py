@@ -15,12 +15,13 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h = Attention(cfg, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT)
+        h = Attention(cfg, self.decode, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT)
         x_BxTxD = x_BxTxD + drop(h)
         h = MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
         return x_BxTxD + drop(h), None
@@ -37,10 +38,12 @@ class Transformer(nn.Module):
     """Maps token ids [B, T] to next-token logits [B, T, vocab_size].
 
     `positions_BxT` (default 0..T-1) and `segment_ids_BxT` (documents packed in one row
-    never attend to each other) serve packed batches.
+    never attend to each other) serve packed batches. `decode=True` keeps a KV cache
+    (see lm.layers.Attention) for generation; pass the absolute positions then.
     """
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
@@ -64,13 +67,13 @@ class Transformer(nn.Module):
 
         block = _block_class(cfg)
         if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxTxD, _ = stack(cfg, deterministic, name="blocks")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+            x_BxTxD, _ = stack(cfg, deterministic, self.decode, name="blocks")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
         else:
             for i in range(cfg.n_layers):
-                x_BxTxD, _ = block(cfg, deterministic, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+                x_BxTxD, _ = block(cfg, deterministic, self.decode, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
 
         x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
         if cfg.tie_embeddings:

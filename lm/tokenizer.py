@@ -42,6 +42,9 @@ class ByteTokenizer:
 def make_tokenizer(kind: str) -> ByteTokenizer:
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "hf":
+        raise LMError("data.tokenizer=hf is a pretrained model's tokenizer; create the run with "
+                      "python -m lm.hf import HF_DIR RUN_DIR, then train with --config RUN_DIR/config.yaml.")
     raise LMError(f"unknown tokenizer '{kind}'; set data.tokenizer=byte.")
 
 
@@ -60,4 +63,8 @@ def load_tokenizer(run_dir: str | pathlib.Path) -> ByteTokenizer:
         raise LMError(f"'{path}' is missing; train.py writes it, so pass the run_dir of a training run.") from None
     except (ValueError, KeyError, TypeError):
         raise LMError(f"'{path}' is not a valid tokenizer file; restore it from the run that wrote it.") from None
+    if kind == "hf":
+        from lm import hf_tokenizer
+
+        return hf_tokenizer.load(pathlib.Path(run_dir), spec)
     return make_tokenizer(kind)

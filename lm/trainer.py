@@ -21,7 +21,7 @@ from lm.errors import LMError
 from lm.runtime import Runtime, build
 from lm.sharding import maybe_initialize_distributed
 from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
-from lm.tokenizer import make_tokenizer, save_tokenizer
+from lm.tokenizer import TOKENIZER_FILE, load_tokenizer, make_tokenizer, save_tokenizer
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -104,15 +104,18 @@ def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
     maybe_initialize_distributed(cfg.parallel)
     run_dir = prepare_run_dir(cfg)
-    tokenizer = make_tokenizer(cfg.data.tokenizer)
+    # An imported model (python -m lm.hf import) keeps the tokenizer stored in its run_dir.
+    imported = cfg.data.tokenizer == "hf" and (run_dir / TOKENIZER_FILE).is_file()
+    tokenizer = load_tokenizer(run_dir) if imported else make_tokenizer(cfg.data.tokenizer)
     data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)
     if jax.process_index() == 0:
         save_tokenizer(tokenizer, run_dir)
     rt = build(cfg, tokenizer)
     cfg = rt.cfg
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = ckpts.latest() or 0
-    if start:
+    latest = ckpts.latest()  # step 0 is an imported model's weights
+    start = latest or 0
+    if latest is not None:
         state, _ = ckpts.restore_state(start, rt.restore_target)
         state = state.replace(step=rt.place_step(start))
         print(f"resumed from {ckpts.directory}/{start}", flush=True)

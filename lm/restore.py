@@ -1,0 +1,52 @@
+"""Reopens a run directory for inference: its config, tokenizer, a Runtime and one checkpoint's params."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+
+from lm import config as config_lib
+from lm.checkpoint import Checkpoints
+from lm.errors import LMError
+from lm.runtime import Runtime, build
+from lm.tokenizer import load_tokenizer
+from lm.trainer import CHECKPOINT_DIR, CONFIG_FILE
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    cfg: config_lib.Config  # with model.vocab_size resolved
+    tokenizer: Any
+    runtime: Runtime
+    params: Any
+    step: int
+
+
+def restore_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: int | None = None) -> RestoredRun:
+    """Restores `run_dir`'s checkpoint at `step` (default newest) onto all local devices, data-parallel.
+
+    The batch (default eval.batch_size or train.batch_size) is rounded up so every device gets a share.
+    """
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise LMError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}); pass the run_dir train.py wrote.")
+    cfg = config_lib.load_config(run_dir / CONFIG_FILE)
+    tokenizer = load_tokenizer(run_dir)
+    ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, read_only=True)
+    step = ckpts.latest() if step is None else step
+    if step is None:
+        raise LMError(f"'{run_dir}' has no checkpoints yet; train it first (python train.py ... run_dir={run_dir}).")
+    ways = jax.device_count()
+    batch_size = -(-(batch_size or cfg.eval.batch_size or cfg.train.batch_size) // ways) * ways
+    cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
+                                     "parallel.tensor": 1, "train.batch_size": batch_size,
+                                     "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
+    rt = build(cfg, tokenizer)
+    try:
+        params, _ = ckpts.restore_params(step, rt.restore_target.params)
+    finally:
+        ckpts.close()
+    return RestoredRun(rt.cfg, tokenizer, rt, params, int(step))

@@ -1,0 +1,51 @@
+"""model.attention=xla|cudnn|auto: how `auto` chooses, and every kernel this platform has agrees."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.config import ModelConfig
+from lm.errors import LMError
+from lm.layers import attention_impl
+from lm.model import Transformer
+from lm.step import init_params
+
+
+def test_auto_choice():
+    assert attention_impl("auto", "bfloat16", 64, False, platform="gpu") == "cudnn"
+    assert attention_impl("auto", "float16", 128, False, platform="gpu") == "cudnn"
+    assert attention_impl("auto", "float32", 64, False, platform="gpu") == "xla"  # cuDNN flash: half precision only
+    assert attention_impl("auto", "bfloat16", 12, False, platform="gpu") == "xla"  # head width not a multiple of 8
+    assert attention_impl("auto", "bfloat16", 256, False, platform="gpu") == "xla"
+    assert attention_impl("auto", "bfloat16", 64, True, platform="gpu") == "xla"  # packed-document mask
+    for platform in ("cpu", "tpu"):
+        assert attention_impl("auto", "bfloat16", 64, False, platform=platform) == "xla"
+    assert attention_impl("xla", "bfloat16", 64, False, platform="gpu") == "xla"
+    assert attention_impl("cudnn", "bfloat16", 64, False, platform="gpu") == "cudnn"
+    with pytest.raises(LMError, match="cudnn needs an NVIDIA GPU"):
+        attention_impl("cudnn", "bfloat16", 64, False, platform="cpu")
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.1)])
+def test_available_kernels_agree(dtype, tol):
+    """Logits of every kernel usable here equal XLA's (bf16 tolerance: a few bf16 ulps of O(1) logits)."""
+    kernels = ["xla", "auto"] + (["cudnn"] if jax.default_backend() == "gpu" and dtype == "bfloat16" else [])
+    base = ModelConfig(vocab_size=64, n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                       position="rope", init_std=0.1, dtype=dtype)
+    params = init_params(Transformer(base), jax.random.key(0), 8)
+    tokens_BxT = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 32)))
+    segments_BxT = jnp.asarray(np.repeat([[0, 1]], 16, axis=1).repeat(2, axis=0))
+    outputs = {}
+    for kernel in kernels:
+        model = Transformer(dataclasses.replace(base, attention=kernel))
+        outputs[kernel] = [np.asarray(jax.jit(model.apply)({"params": params}, tokens_BxT, None, seg), np.float32)
+                           for seg in (None, segments_BxT)]
+    assert np.abs(outputs["xla"][0]).max() > 0.1
+    for kernel in kernels[1:]:
+        for ours, reference in zip(outputs[kernel], outputs["xla"]):
+            np.testing.assert_allclose(ours, reference, atol=tol, rtol=0)
