@@ -1,7 +1,9 @@
 """The training loop: init or resume, step, log, validate, checkpoint.
 
 Running the same command again on a run_dir resumes from its newest checkpoint and
-continues exactly: batches are a function of (seed, step) and so is dropout.
+continues exactly: batches are a function of (seed, step) and so is dropout. SIGTERM
+checkpoints the current step and exits 0 (lm.preemption); a NaN/Inf step stops the run
+before anything diverged is checkpointed, or is skipped (lm.nonfinite).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from lm import config as config_lib
 from lm.checkpoint import Checkpoints
 from lm.config import Config
 from lm.errors import LMError
+from lm.fileio import write_atomic
+from lm.nonfinite import NonfiniteWatch
+from lm.preemption import Preemption
 from lm.runtime import Runtime, build
 from lm.sharding import host_rows, maybe_initialize_distributed
 from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
@@ -65,9 +70,8 @@ class MetricsLog:
         self.total_steps = total_steps
         self.enabled = jax.process_index() == 0
         if self.enabled and self.path.exists():  # drop records a killed run logged past its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -81,6 +85,14 @@ class MetricsLog:
             if key in record:
                 parts.append(fmt.format(record[key]))
         print(" | ".join(parts), flush=True)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line a kill cut short (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def validation_loss(rt: Runtime, params, data: TextData) -> float:
@@ -103,23 +115,39 @@ def _is_due(step: int, every: int, last: int) -> bool:
 def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
     maybe_initialize_distributed(cfg.parallel)
-    run_dir = prepare_run_dir(cfg)
+    preemption = Preemption(cfg.train.preemption_grace_s)
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.close()
+
+
+def _train(cfg: Config, preemption: Preemption) -> list[dict]:
     tokenizer = make_tokenizer(cfg.data.tokenizer)
-    data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)
+    data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)  # before anything is written
+    run_dir = prepare_run_dir(cfg)
     if jax.process_index() == 0:
         save_tokenizer(tokenizer, run_dir)
     rt = build(cfg, tokenizer)
     cfg = rt.cfg
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = ckpts.latest() or 0
+    try:
+        return _loop(cfg, rt, data, tokenizer, run_dir, ckpts, preemption)
+    finally:
+        ckpts.close()  # waits for a checkpoint still being written
+
+
+def _loop(cfg, rt, data, tokenizer, run_dir, ckpts, preemption) -> list[dict]:
+    meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(cfg)["model"]}
+    start, skipped = ckpts.latest() or 0, 0
     if start:
-        state, _ = ckpts.restore_state(start, rt.restore_target)
-        state = state.replace(step=rt.place_step(start))
+        state, saved = ckpts.restore_state(start, rt.restore_target, expect=meta)
+        state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
         print(f"resumed from {ckpts.directory}/{start}", flush=True)
     else:
         state = rt.init(jax.random.key(cfg.seed))
     log = MetricsLog(run_dir, start, cfg.train.steps)
-    meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(cfg)["model"]}
+    watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     records, pending = [], None
     last_time, last_step = time.perf_counter(), start
@@ -129,7 +157,10 @@ def train(cfg: Config) -> list[dict]:
         if pending is None:
             return
         step, metrics = pending
-        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        watch.check(step)
+        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}}
+        if cfg.train.skip_nonfinite:
+            record["skipped_steps"] = watch.skipped
         now = time.perf_counter()
         rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
         record.update(tokens_per_sec=rate, eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
@@ -141,19 +172,26 @@ def train(cfg: Config) -> list[dict]:
         local = random_windows(data.train, cfg.seed, step, TRAIN_STREAM, cfg.train.batch_size,
                                cfg.train.seq_len, host_rows(cfg.train.batch_size))
         state, metrics = rt.train_step(state, rt.place_batch(local))
-        flush()  # the previous step's metrics, read while this step runs
         done = step + 1
+        watch.add(done, metrics["nonfinite"])
+        flush()  # the previous step's metrics, read while this step runs
         if _is_due(done, cfg.log.every, cfg.train.steps) or done == start + 1:
             pending = (done, metrics)
         if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
             flush()
+            watch.check(done)
             record = {"step": done, "val_loss": validation_loss(rt, state.params, data)}
             records.append(record)
             log.write(record)
             last_time = time.perf_counter()
-        if _is_due(done, cfg.checkpoint.every, cfg.train.steps):
-            ckpts.save(state, {"step": done, **meta})
+        preempted = preemption.reached(done)
+        if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):
+            watch.check(done)  # never checkpoint a diverged state
+            ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta})
+        if preempted:
+            print(f"preempted: checkpoint at step {done} written; run the same command to resume.", flush=True)
+            break
     flush()
+    watch.check(cfg.train.steps)
     ckpts.wait()
-    ckpts.close()
     return records
