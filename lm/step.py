@@ -91,7 +91,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),

@@ -81,7 +81,7 @@ class MetricsLog:
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("lr", "lr {:.2e}"),
                          ("grad_norm", "grad {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
-                         ("eta_sec", "eta {:.0f}s")):
+                         ("eta_sec", "eta {:.0f}s"), ("skipped_steps", "skipped {}")):
             if key in record:
                 parts.append(fmt.format(record[key]))
         print(" | ".join(parts), flush=True)
