@@ -27,7 +27,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, stride: int | None = None) ->
     sliding-window scoring: each later window scores only its last `stride` targets,
     each with up to seq_len - 1 tokens of context.
     """
-    stride = stride or seq_len
+    stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
         raise LMError(f"--stride={stride} must be between 1 and the model's seq_len {seq_len}.")
     n, start, scored_until = len(tokens), 0, 0
@@ -75,9 +75,6 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     batch_size = -(-(cfg.eval.batch_size or cfg.train.batch_size) // ways) * ways
     cfg = config_lib.replace(cfg, **{"parallel.data": -1, "parallel.fsdp": 1, "parallel.tensor": 1,
                                      "train.batch_size": batch_size, "train.grad_accum_steps": 1})
-    rt = build(cfg, tokenizer)
-    params, _ = ckpts.restore_params(step, rt.restore_target.params)
-
     if text_file:
         text = read_text(dataclasses.replace(cfg.data, text_file=text_file, sha256=""))
     else:
@@ -85,6 +82,10 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     tokens = tokenizer.encode(text)
     if len(tokens) < 2:
         raise LMError("the evaluation text has fewer than 2 tokens; pass a longer --text_file.")
+    next(eval_windows(tokens, cfg.train.seq_len, stride))  # checks --stride before restoring anything
+    rt = build(cfg, tokenizer)
+    params, _ = ckpts.restore_params(step, rt.restore_target.params, expect={
+        "tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]})
 
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
     for batch in _batches(eval_windows(tokens, rt.cfg.train.seq_len, stride), batch_size):

@@ -36,7 +36,7 @@ FROZEN_KEYS = ("model", "data.tokenizer")
 
 
 def prepare_run_dir(cfg: Config) -> pathlib.Path:
-    """Creates run_dir (or checks an existing run matches the config) and writes config.yaml."""
+    """Creates run_dir, or checks that the run already in it matches the config."""
     run_dir = pathlib.Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise LMError(f"run_dir '{run_dir}' is a file; pass a directory path with run_dir=PATH.")
@@ -49,8 +49,6 @@ def prepare_run_dir(cfg: Config) -> pathlib.Path:
     saved = run_dir / CONFIG_FILE
     if saved.exists() and (run_dir / CHECKPOINT_DIR).exists():
         _check_resumable(config_lib.load_config(saved), cfg, run_dir)
-    if jax.process_index() == 0:
-        config_lib.save_config(cfg, saved)
     return run_dir
 
 
@@ -126,28 +124,31 @@ def _train(cfg: Config, preemption: Preemption) -> list[dict]:
     tokenizer = make_tokenizer(cfg.data.tokenizer)
     data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)  # before anything is written
     run_dir = prepare_run_dir(cfg)
-    if jax.process_index() == 0:
-        save_tokenizer(tokenizer, run_dir)
     rt = build(cfg, tokenizer)
-    cfg = rt.cfg
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
     try:
-        return _loop(cfg, rt, data, tokenizer, run_dir, ckpts, preemption)
+        start, skipped = ckpts.latest() or 0, 0
+        if start:
+            state, saved = ckpts.restore_state(start, rt.restore_target, expect=meta)
+            state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
+            print(f"resumed from {ckpts.directory}/{start}", flush=True)
+        else:
+            state = rt.init(jax.random.key(cfg.seed))
+        if jax.process_index() == 0:  # written once the run is known to start (a failed start changes nothing)
+            config_lib.save_config(cfg, run_dir / CONFIG_FILE)
+            save_tokenizer(tokenizer, run_dir)
+        watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
+        return _loop(rt, data, run_dir, ckpts, preemption, state, start, watch, meta)
     finally:
         ckpts.close()  # waits for a checkpoint still being written
 
 
-def _loop(cfg, rt, data, tokenizer, run_dir, ckpts, preemption) -> list[dict]:
-    meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(cfg)["model"]}
-    start, skipped = ckpts.latest() or 0, 0
-    if start:
-        state, saved = ckpts.restore_state(start, rt.restore_target, expect=meta)
-        state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
-        print(f"resumed from {ckpts.directory}/{start}", flush=True)
-    else:
-        state = rt.init(jax.random.key(cfg.seed))
+def _loop(rt: Runtime, data: TextData, run_dir: pathlib.Path, ckpts: Checkpoints, preemption: Preemption,
+          state, start: int, watch: NonfiniteWatch, meta: dict) -> list[dict]:
+    """Steps from `start` to train.steps, logging, validating and checkpointing on schedule."""
+    cfg = rt.cfg
     log = MetricsLog(run_dir, start, cfg.train.steps)
-    watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     records, pending = [], None
     last_time, last_step = time.perf_counter(), start
