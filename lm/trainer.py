@@ -151,7 +151,7 @@ def _loop(rt: Runtime, data: TextData, run_dir: pathlib.Path, ckpts: Checkpoints
     log = MetricsLog(run_dir, start, cfg.train.steps)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     records, pending = [], None
-    last_time, last_step = time.perf_counter(), start
+    last_time, last_step, preempted = time.perf_counter(), start, False
 
     def flush():
         nonlocal pending, last_time, last_step
@@ -190,9 +190,10 @@ def _loop(rt: Runtime, data: TextData, run_dir: pathlib.Path, ckpts: Checkpoints
             watch.check(done)  # never checkpoint a diverged state
             ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta})
         if preempted:
-            print(f"preempted: checkpoint at step {done} written; run the same command to resume.", flush=True)
             break
     flush()
     watch.check(cfg.train.steps)
     ckpts.wait()
+    if preempted:
+        print(f"preempted: checkpoint at step {done} written; run the same command to resume.", flush=True)
     return records
