@@ -1,8 +1,10 @@
 """Orbax checkpoints of a run: `params`, `opt_state` and a JSON `meta` item per step.
 
 Writes are atomic (Orbax commits a finished step directory by renaming it), so an
-interrupted save never leaves a step that restore would read. Restores place arrays on
-the current mesh, whatever mesh wrote them. Parameters restore alone for evaluation.
+interrupted save never leaves a step that restore would read; its temporary directory
+is removed when the run restarts. Meta records fingerprints of params and opt_state,
+checked on restore, and any failure to read a step is one LMError. Restores place
+arrays on the current mesh, whatever mesh wrote them. Parameters restore alone for evaluation.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from lm.errors import LMError
+from lm.fingerprint import fingerprint
 from lm.step import TrainState
 
 ITEMS = ("params", "opt_state", "meta")
@@ -37,32 +40,58 @@ class Checkpoints:
 
     def save(self, state: TrainState, meta: dict[str, Any]) -> None:
         """Starts writing `state` at step meta['step'] (asynchronously unless disabled)."""
+        meta = {**meta, "fingerprints": {"params": fingerprint(state.params),
+                                         "opt_state": fingerprint(state.opt_state)}}
         self._manager.save(int(meta["step"]), force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
             meta=ocp.args.JsonSave(meta)))
 
-    def _restore(self, step: int, **items):
+    def _restore(self, step: int, expect: dict[str, Any] | None = None, **items):
+        """Restores `items` of `step` after checking meta against `expect`, then their fingerprints."""
         if step not in self.steps():
             available = ", ".join(map(str, self.steps())) or "none"
             raise LMError(f"no checkpoint at step {step} in {self.directory} (available: {available}); "
                           "pass one of those steps.")
-        try:
-            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise LMError(f"checkpoint {self.directory}/{step} does not fit this model or is damaged ({reason}); "
-                          "use the config it was trained with, or a new run_dir.") from None
+        where = f"checkpoint {self.directory}/{step}"
+        meta = self._read(step, meta=ocp.args.JsonRestore()).meta
+        if not isinstance(meta, dict):
+            raise LMError(f"{where} is damaged (its meta item is not a JSON object); delete that step "
+                          "directory to use an earlier checkpoint.")
+        for key, value in (expect or {}).items():
+            if key in meta and _differs(meta[key], value):
+                raise LMError(f"{where} was written with a different {key} ({_difference(meta[key], value)}); "
+                              "use the config it was trained with, or a new run_dir.")
+        restored = self._read(step, meta=ocp.args.JsonRestore(), **items)
+        for name in items:
+            recorded = meta.get("fingerprints", {}).get(name)
+            if recorded is not None and fingerprint(getattr(restored, name)) != recorded:
+                raise LMError(f"{where} is damaged: its {name} do not match the checksum recorded when it was "
+                              f"written; delete that step directory to use an earlier checkpoint.")
+        return restored
 
-    def restore_state(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """Restores params and optimizer state onto the shardings carried by `target`."""
-        restored = self._restore(step, params=ocp.args.StandardRestore(target.params),
+    def _read(self, step: int, **items):
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax and TensorStore raise many types; all mean "cannot read this step".
+            reason = (str(e).splitlines() or [type(e).__name__])[0].split(". See full")[0][:160]
+            raise LMError(f"checkpoint {self.directory}/{step} does not fit this model or is damaged ({reason}); "
+                          "use the config it was trained with, or delete that step directory to use an "
+                          "earlier checkpoint.") from e
+
+    def restore_state(self, step: int, target: TrainState, expect: dict[str, Any] | None = None
+                      ) -> tuple[TrainState, dict[str, Any]]:
+        """Restores params and optimizer state onto the shardings carried by `target`.
+
+        `expect` (e.g. {"model": ..., "tokenizer": ...}) must match what the checkpoint's meta recorded.
+        """
+        restored = self._restore(step, expect, params=ocp.args.StandardRestore(target.params),
                                  opt_state=ocp.args.StandardRestore(target.opt_state))
         state = TrainState(step=restored.meta["step"], params=restored.params, opt_state=restored.opt_state)
         return state, restored.meta
 
-    def restore_params(self, step: int, target) -> tuple[Any, dict[str, Any]]:
-        restored = self._restore(step, params=ocp.args.StandardRestore(target))
+    def restore_params(self, step: int, target, expect: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        restored = self._restore(step, expect, params=ocp.args.StandardRestore(target))
         return restored.params, restored.meta
 
     def wait(self) -> None:
@@ -70,3 +99,18 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _differs(recorded: Any, current: Any) -> bool:
+    """Whether two meta values disagree; dicts are compared on the keys both have."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return any(recorded[k] != current[k] for k in set(recorded) & set(current))
+    return recorded != current
+
+
+def _difference(recorded: Any, current: Any) -> str:
+    """'d_model 64 there, 32 here' for dicts; the two values otherwise."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        keys = [k for k in sorted(set(recorded) & set(current)) if recorded[k] != current[k]]
+        return ", ".join(f"{k} {recorded[k]!r} there, {current[k]!r} here" for k in keys[:3])
+    return f"{recorded!r} there, {current!r} here"

@@ -33,9 +33,11 @@ def train_main(argv: list[str] | None = None) -> None:
 
     def main():
         from lm.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # config mistakes surface before JAX is imported
         from lm.trainer import train
 
-        train(load_config(args.config, args.overrides))
+        train(cfg)
 
     _run(main, args.debug)
 

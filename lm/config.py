@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lm.errors import LMError
+from lm.fileio import write_atomic
 
 REMAT_POLICIES = (
     "none",
@@ -94,6 +95,8 @@ class TrainConfig:
     batch_size: int = 8  # global, in sequences
     seq_len: int = 128
     grad_accum_steps: int = 1
+    skip_nonfinite: bool = False  # drop updates whose loss or gradients are NaN/Inf (else stop the run)
+    preemption_grace_s: float = 30.0  # after SIGTERM: finish the step, checkpoint, exit within this time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +282,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | pathlib.Path) -> None:
-    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def replace(config: Config, **dotted: Any) -> Config:
@@ -328,3 +331,5 @@ def validate(c: Config) -> None:
     _require([p.data, p.fsdp, p.tensor].count(-1) <= 1,
              "only one of parallel.data, parallel.fsdp, parallel.tensor may be -1 (fill the rest).")
     _require(math.isfinite(c.optim.lr), "optim.lr must be a finite number.")
+    _require(0 < t.preemption_grace_s < math.inf, f"train.preemption_grace_s={t.preemption_grace_s} must be positive "
+             "(the seconds the scheduler allows between SIGTERM and SIGKILL).")

@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from lm.errors import LMError
-from lm.restore import restore_run
+from lm.restore import load_params, open_run
 from lm.text_data import read_text, split_text
 
 
@@ -20,7 +20,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, stride: int | None = None) ->
     sliding-window scoring: each later window scores only its last `stride` targets,
     each with up to seq_len - 1 tokens of context.
     """
-    stride = stride or seq_len
+    stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
         raise LMError(f"--stride={stride} must be between 1 and the model's seq_len {seq_len}.")
     n, start, scored_until = len(tokens), 0, 0
@@ -54,10 +54,8 @@ def _batches(windows: Iterator[dict], batch_size: int) -> Iterator[dict[str, np.
 def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None,
              stride: int | None = None) -> dict:
     """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest)."""
-    run = restore_run(run_dir, step)
-    cfg, tokenizer, rt, params, step = run.cfg, run.tokenizer, run.runtime, run.params, run.step
-    batch_size = cfg.train.batch_size
-
+    opened = open_run(run_dir, step)
+    cfg, tokenizer = opened.cfg, opened.tokenizer
     if text_file:
         text = read_text(dataclasses.replace(cfg.data, text_file=text_file, sha256=""))
     else:
@@ -65,6 +63,9 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     tokens = tokenizer.encode(text)
     if len(tokens) < 2:
         raise LMError("the evaluation text has fewer than 2 tokens; pass a longer --text_file.")
+    next(eval_windows(tokens, cfg.train.seq_len, stride))  # checks --stride before restoring anything
+    run = load_params(opened)
+    rt, params, step, batch_size = run.runtime, run.params, run.step, run.cfg.train.batch_size
 
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
     for batch in _batches(eval_windows(tokens, rt.cfg.train.seq_len, stride), batch_size):

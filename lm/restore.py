@@ -25,10 +25,21 @@ class RestoredRun:
     step: int
 
 
-def restore_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: int | None = None) -> RestoredRun:
-    """Restores `run_dir`'s checkpoint at `step` (default newest) onto all local devices, data-parallel.
+@dataclasses.dataclass
+class OpenRun:
+    """A run directory read but not yet built: its config (laid out for inference), tokenizer, checkpoints."""
 
-    The batch (default eval.batch_size or train.batch_size) is rounded up so every device gets a share.
+    cfg: config_lib.Config
+    tokenizer: Any
+    checkpoints: Checkpoints
+    step: int
+
+
+def open_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: int | None = None) -> OpenRun:
+    """Reads `run_dir`'s config, tokenizer and checkpoint list; picks `step` (default newest).
+
+    The config is laid out data-parallel over all local devices, with the batch (default
+    eval.batch_size or train.batch_size) rounded up so every device gets a share.
     """
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
@@ -44,9 +55,20 @@ def restore_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size
     cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
                                      "parallel.tensor": 1, "train.batch_size": batch_size,
                                      "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
-    rt = build(cfg, tokenizer)
+    return OpenRun(cfg, tokenizer, ckpts, int(step))
+
+
+def load_params(run: OpenRun) -> RestoredRun:
+    """Builds the runtime and restores the chosen step's parameters, checking model and tokenizer."""
+    rt = build(run.cfg, run.tokenizer)
+    expect = {"tokenizer": run.tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
     try:
-        params, _ = ckpts.restore_params(step, rt.restore_target.params)
+        params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params, expect=expect)
     finally:
-        ckpts.close()
-    return RestoredRun(rt.cfg, tokenizer, rt, params, int(step))
+        run.checkpoints.close()
+    return RestoredRun(rt.cfg, run.tokenizer, rt, params, run.step)
+
+
+def restore_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: int | None = None) -> RestoredRun:
+    """Restores `run_dir`'s checkpoint at `step` (default newest) onto all local devices, data-parallel."""
+    return load_params(open_run(run_dir, step, batch_size))

@@ -88,7 +88,8 @@ def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
-                          grad_accum_steps=cfg.train.grad_accum_steps),
+                          grad_accum_steps=cfg.train.grad_accum_steps,
+                          skip_nonfinite=cfg.train.skip_nonfinite),
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model),
                        in_shardings=(state_sharding.params, batch_sharding))

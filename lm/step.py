@@ -59,9 +59,14 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1,
+               schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
                reduce: Callable[[Any], Any] = lambda x: x) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on the global batch (mean loss over its weighted targets)."""
+    """One optimizer update on the global batch (mean loss over its weighted targets).
+
+    metrics['nonfinite'] is 1 when the loss or gradients hold a NaN or Inf. With
+    `skip_nonfinite` such an update is dropped (params and optimizer state stay as they
+    were) while the step still counts, so the next step sees the next batch.
+    """
     step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
     use_dropout = model.cfg.dropout > 0
     total_weight = reduce(_weights(batch).sum())
@@ -86,7 +91,13 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 
 from lm.errors import LMError
+from lm.fileio import write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -50,7 +51,7 @@ def make_tokenizer(kind: str) -> ByteTokenizer:
 
 def save_tokenizer(tokenizer: ByteTokenizer, run_dir: str | pathlib.Path) -> None:
     path = pathlib.Path(run_dir) / TOKENIZER_FILE
-    path.write_text(json.dumps(tokenizer.to_json(), indent=2), encoding="utf-8")
+    write_atomic(path, json.dumps(tokenizer.to_json(), indent=2))
 
 
 def load_tokenizer(run_dir: str | pathlib.Path) -> ByteTokenizer:

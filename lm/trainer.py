@@ -1,7 +1,9 @@
 """The training loop: init or resume, step, log, validate, checkpoint.
 
 Running the same command again on a run_dir resumes from its newest checkpoint and
-continues exactly: batches are a function of (seed, step) and so is dropout.
+continues exactly: batches are a function of (seed, step) and so is dropout. SIGTERM
+checkpoints the current step and exits 0 (lm.preemption); a NaN/Inf step stops the run
+before anything diverged is checkpointed, or is skipped (lm.nonfinite).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from lm import config as config_lib
 from lm.checkpoint import Checkpoints
 from lm.config import Config
 from lm.errors import LMError
+from lm.fileio import write_atomic
+from lm.nonfinite import NonfiniteWatch
+from lm.preemption import Preemption
 from lm.runtime import Runtime, build
 from lm.sharding import maybe_initialize_distributed
 from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
@@ -31,7 +36,7 @@ FROZEN_KEYS = ("model", "data.tokenizer")
 
 
 def prepare_run_dir(cfg: Config) -> pathlib.Path:
-    """Creates run_dir (or checks an existing run matches the config) and writes config.yaml."""
+    """Creates run_dir, or checks that the run already in it matches the config."""
     run_dir = pathlib.Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise LMError(f"run_dir '{run_dir}' is a file; pass a directory path with run_dir=PATH.")
@@ -44,8 +49,6 @@ def prepare_run_dir(cfg: Config) -> pathlib.Path:
     saved = run_dir / CONFIG_FILE
     if saved.exists() and (run_dir / CHECKPOINT_DIR).exists():
         _check_resumable(config_lib.load_config(saved), cfg, run_dir)
-    if jax.process_index() == 0:
-        config_lib.save_config(cfg, saved)
     return run_dir
 
 
@@ -65,9 +68,8 @@ class MetricsLog:
         self.total_steps = total_steps
         self.enabled = jax.process_index() == 0
         if self.enabled and self.path.exists():  # drop records a killed run logged past its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -77,10 +79,18 @@ class MetricsLog:
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("lr", "lr {:.2e}"),
                          ("grad_norm", "grad {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
-                         ("eta_sec", "eta {:.0f}s")):
+                         ("eta_sec", "eta {:.0f}s"), ("skipped_steps", "skipped {}")):
             if key in record:
                 parts.append(fmt.format(record[key]))
         print(" | ".join(parts), flush=True)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line a kill cut short (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def validation_loss(rt: Runtime, params, data: TextData) -> float:
@@ -103,36 +113,58 @@ def _is_due(step: int, every: int, last: int) -> bool:
 def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
     maybe_initialize_distributed(cfg.parallel)
-    run_dir = prepare_run_dir(cfg)
+    preemption = Preemption(cfg.train.preemption_grace_s)
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.close()
+
+
+def _train(cfg: Config, preemption: Preemption) -> list[dict]:
     # An imported model (python -m lm.hf import) keeps the tokenizer stored in its run_dir.
-    imported = cfg.data.tokenizer == "hf" and (run_dir / TOKENIZER_FILE).is_file()
-    tokenizer = load_tokenizer(run_dir) if imported else make_tokenizer(cfg.data.tokenizer)
-    data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)
-    if jax.process_index() == 0:
-        save_tokenizer(tokenizer, run_dir)
+    imported = cfg.data.tokenizer == "hf" and (pathlib.Path(cfg.run_dir) / TOKENIZER_FILE).is_file()
+    tokenizer = load_tokenizer(cfg.run_dir) if imported else make_tokenizer(cfg.data.tokenizer)
+    data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)  # before anything is written
+    run_dir = prepare_run_dir(cfg)
     rt = build(cfg, tokenizer)
-    cfg = rt.cfg
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    latest = ckpts.latest()  # step 0 is an imported model's weights
-    start = latest or 0
-    if latest is not None:
-        state, _ = ckpts.restore_state(start, rt.restore_target)
-        state = state.replace(step=rt.place_step(start))
-        print(f"resumed from {ckpts.directory}/{start}", flush=True)
-    else:
-        state = rt.init(jax.random.key(cfg.seed))
+    meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
+    try:
+        latest, skipped = ckpts.latest(), 0  # step 0 is an imported model's weights
+        start = latest or 0
+        if latest is not None:
+            state, saved = ckpts.restore_state(start, rt.restore_target, expect=meta)
+            state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
+            print(f"resumed from {ckpts.directory}/{start}", flush=True)
+        else:
+            state = rt.init(jax.random.key(cfg.seed))
+        if jax.process_index() == 0:  # written once the run is known to start (a failed start changes nothing)
+            config_lib.save_config(cfg, run_dir / CONFIG_FILE)
+            save_tokenizer(tokenizer, run_dir)
+        watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
+        return _loop(rt, data, run_dir, ckpts, preemption, state, start, watch, meta)
+    finally:
+        ckpts.close()  # waits for a checkpoint still being written
+
+
+def _loop(rt: Runtime, data: TextData, run_dir: pathlib.Path, ckpts: Checkpoints, preemption: Preemption,
+          state, start: int, watch: NonfiniteWatch, meta: dict) -> list[dict]:
+    """Steps from `start` to train.steps, logging, validating and checkpointing on schedule."""
+    cfg = rt.cfg
     log = MetricsLog(run_dir, start, cfg.train.steps)
-    meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(cfg)["model"]}
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     records, pending = [], None
-    last_time, last_step = time.perf_counter(), start
+    last_time, last_step, preempted = time.perf_counter(), start, False
 
     def flush():
         nonlocal pending, last_time, last_step
         if pending is None:
             return
         step, metrics = pending
-        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        watch.check(step)
+        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}}
+        if cfg.train.skip_nonfinite:
+            record["skipped_steps"] = watch.skipped
         now = time.perf_counter()
         rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
         record.update(tokens_per_sec=rate, eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
@@ -144,19 +176,27 @@ def train(cfg: Config) -> list[dict]:
         local = random_windows(data.train, cfg.seed, step, TRAIN_STREAM, cfg.train.batch_size,
                                cfg.train.seq_len, rt.host_rows(cfg.train.batch_size))
         state, metrics = rt.train_step(state, rt.place_batch(local))
-        flush()  # the previous step's metrics, read while this step runs
         done = step + 1
+        watch.add(done, metrics["nonfinite"])
+        flush()  # the previous step's metrics, read while this step runs
         if _is_due(done, cfg.log.every, cfg.train.steps) or done == start + 1:
             pending = (done, metrics)
         if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
             flush()
+            watch.check(done)
             record = {"step": done, "val_loss": validation_loss(rt, state.params, data)}
             records.append(record)
             log.write(record)
             last_time = time.perf_counter()
-        if _is_due(done, cfg.checkpoint.every, cfg.train.steps):
-            ckpts.save(state, {"step": done, **meta})
+        preempted = preemption.reached(done)
+        if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):
+            watch.check(done)  # never checkpoint a diverged state
+            ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta})
+        if preempted:
+            break
     flush()
+    watch.check(cfg.train.steps)
     ckpts.wait()
-    ckpts.close()
+    if preempted:
+        print(f"preempted: checkpoint at step {done} written; run the same command to resume.", flush=True)
     return records

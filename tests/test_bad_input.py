@@ -1,0 +1,217 @@
+"""The bad-input catalogue: every mistake ends with one `error: ...` line, exit code 2,
+no traceback, and every file that existed before is byte-for-byte unchanged.
+
+The CLIs run as subprocesses. Config mistakes fail before JAX is imported; the rest share
+one tiny trained run (copied when a case needs to damage it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+
+from lm.config import load_config
+from lm.trainer import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAINED_OVERRIDES = ["train.steps=4", "checkpoint.every=2", "eval.every=0", "log.every=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, request) -> pathlib.Path:
+    """A 4-step tiny run with checkpoints at steps 2 and 4."""
+    from tests.conftest import shared_file
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    text = shared_file("tinyshakespeare.txt")
+    train(load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={text}", f"run_dir={run_dir}",
+                                                       *TRAINED_OVERRIDES]))
+    return run_dir
+
+
+@dataclass
+class Ctx:
+    tmp: pathlib.Path
+    trained: pathlib.Path
+    text: pathlib.Path
+
+    def train(self, *overrides: str, run_dir: pathlib.Path | None = None, config: str = "configs/tiny.yaml"):
+        return ["train.py", "--config", config, f"data.text_file={self.text}",
+                f"run_dir={run_dir or self.tmp / 'new_run'}", *TRAINED_OVERRIDES, *overrides]
+
+    def copy(self) -> pathlib.Path:
+        target = self.tmp / "run"
+        shutil.copytree(self.trained, target)
+        return target
+
+    def file(self, name: str, data: bytes | str) -> pathlib.Path:
+        path = self.tmp / name
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
+
+    def data(self, name: str, content: bytes | str) -> str:
+        return f"data.text_file={self.file(name, content)}"
+
+    def copy_with(self, relative: str, edit: Callable[[str], str]) -> pathlib.Path:
+        """A copy of the trained run with one of its text files edited."""
+        run = self.copy()
+        path = run / relative
+        path.write_text(edit(path.read_text()))
+        return run
+
+
+def _largest_params_file(run: pathlib.Path) -> pathlib.Path:
+    return max((p for p in (run / "checkpoints" / "4" / "params").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+
+
+def truncated(ctx: Ctx) -> pathlib.Path:
+    run = ctx.copy()
+    path = _largest_params_file(run)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return run
+
+
+def tampered(ctx: Ctx) -> pathlib.Path:
+    run = ctx.copy()
+    path = _largest_params_file(run)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    return run
+
+
+def checkpoints_only(ctx: Ctx) -> pathlib.Path:
+    """A run_dir holding only the trained run's checkpoints (no config.yaml to compare against)."""
+    shutil.copytree(ctx.trained / "checkpoints", ctx.tmp / "ckpts_only" / "checkpoints")
+    return ctx.tmp / "ckpts_only"
+
+
+def without_checkpoints(ctx: Ctx) -> pathlib.Path:
+    run = ctx.tmp / "untrained"
+    run.mkdir()
+    for name in ("config.yaml", "tokenizer.json"):
+        shutil.copy(ctx.trained / name, run / name)
+    return run
+
+
+def eval_args(run, *extra) -> list[str]:
+    return ["eval.py", "--run_dir", str(run), *extra]
+
+
+PWNED = "pwned-by-yaml"
+META = "checkpoints/4/meta/metadata"
+# id -> (function of the case context returning argv, a phrase the message must contain)
+CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
+    # config keys and values (no JAX import)
+    "misspelt_key": (lambda c: c.train("model.d_modle=64"), "Did you mean 'model.d_model'?"),
+    "unknown_section": (lambda c: c.train("trainer.steps=5"), "unknown config key 'trainer.steps'"),
+    "str_for_int": (lambda c: c.train("train.steps=many"), "'train.steps' must be an int"),
+    "float_for_int": (lambda c: c.train("train.batch_size=2.5"), "'train.batch_size' must be an int"),
+    "str_for_bool": (lambda c: c.train("model.tie_embeddings=maybe"), "must be a bool"),
+    "str_for_skip_nonfinite": (lambda c: c.train("train.skip_nonfinite=sometimes"), "must be a bool"),
+    "negative_steps": (lambda c: c.train("train.steps=-1"), "must be positive"),
+    "zero_grace": (lambda c: c.train("train.preemption_grace_s=0"), "train.preemption_grace_s=0.0 must be positive"),
+    "heads_do_not_divide_width": (lambda c: c.train("model.n_heads=3"), "not divisible by model.n_heads=3"),
+    "kv_heads_do_not_divide_heads": (lambda c: c.train("model.n_kv_heads=3"), "n_kv_heads"),
+    "seq_len_above_max": (lambda c: c.train("train.seq_len=128"), "above model.max_seq_len=64"),
+    "batch_not_divisible_by_accum": (lambda c: c.train("train.grad_accum_steps=3"), "grad_accum_steps=3"),
+    "unknown_choice": (lambda c: c.train("model.norm=batchnorm"), "choose one of layernorm, rmsnorm"),
+    "dropout_out_of_range": (lambda c: c.train("model.dropout=1.5"), "model.dropout=1.5 must be in [0, 1)"),
+    "override_without_value": (lambda c: c.train("train.steps"), "is not of the form key=value"),
+    # config files
+    "missing_config_file": (lambda c: c.train(config=str(c.tmp / "nope.yaml")), "does not exist"),
+    "malformed_yaml": (lambda c: c.train(config=str(c.file("bad.yaml", "model: [1, 2"))), "is not valid YAML"),
+    "yaml_python_tag": (lambda c: c.train(config=str(c.file(
+        "evil.yaml", f"model: !!python/object/apply:os.system ['touch {c.tmp / PWNED}']\n"))), "is not valid YAML"),
+    "yaml_not_a_mapping": (lambda c: c.train(config=str(c.file("list.yaml", "- a\n- b\n"))), "must hold a mapping"),
+    "config_not_utf8": (lambda c: c.train(config=str(c.file("latin1.yaml", b"model:\n  norm: \xe9\n"))),
+                        "is not valid YAML"),
+    "misspelt_key_in_file": (lambda c: c.train(config=str(c.file("typo.yaml", "train:\n  stesp: 3\n"))),
+                             "Did you mean 'train.steps'?"),
+    # data files
+    "missing_data_file": (lambda c: c.train(f"data.text_file={c.tmp / 'none.txt'}"), "does not exist"),
+    "data_file_is_a_directory": (lambda c: c.train(f"data.text_file={c.tmp}"), "is not a file"),
+    "empty_data_file": (lambda c: c.train(c.data("empty.txt", "  \n")), "is empty"),
+    "binary_data_file": (lambda c: c.train(c.data("b.bin", bytes(range(256)) * 8)),
+                         "looks binary"),
+    "non_utf8_data_file": (lambda c: c.train(c.data("l.txt", b"caf" + b"\xe9" * 99)),
+                           "is not UTF-8"),
+    "data_shorter_than_a_window": (lambda c: c.train(c.data("s.txt", "to be or not to be")),
+                                   "is too short"),
+    "no_data_file": (lambda c: c.train("data.text_file="), "no training data"),
+    # run directories
+    "run_dir_is_a_file": (lambda c: c.train(run_dir=c.file("run_file", "x")), "is a file"),
+    "run_dir_unwritable": (lambda c: c.train(run_dir=c.file("blocker", "x") / "run"), "cannot create run_dir"),
+    "resume_with_other_model": (lambda c: c.train("model.d_model=32", run_dir=c.copy()),
+                                "holds a run with model.d_model=64"),
+    # checkpoints
+    "checkpoint_of_other_shape": (lambda c: c.train("model.d_model=32", run_dir=checkpoints_only(c)),
+                                  "different model (d_model 64 there, 32 here)"),
+    "checkpoint_of_other_tokenizer": (lambda c: c.train(run_dir=c.copy_with(
+        META, lambda m: m.replace('"vocab_size": 259}', '"vocab_size": 32000}', 1))), "different tokenizer"),
+    "truncated_checkpoint_train": (lambda c: c.train(run_dir=truncated(c)), "is damaged"),
+    "tampered_checkpoint_train": (lambda c: c.train(run_dir=tampered(c)), "do not match the checksum"),
+    "truncated_checkpoint_eval": (lambda c: eval_args(truncated(c)), "is damaged"),
+    "tampered_checkpoint_eval": (lambda c: eval_args(tampered(c)), "do not match the checksum"),
+    "damaged_checkpoint_meta": (lambda c: eval_args(c.copy_with(META, lambda m: m[: len(m) // 2])), "is damaged"),
+    # eval.py
+    "eval_missing_run_dir": (lambda c: eval_args(c.tmp / "nowhere"), "is not a run directory"),
+    "eval_run_dir_is_a_file": (lambda c: eval_args(c.file("f", "x")), "is not a run directory"),
+    "eval_without_checkpoints": (lambda c: eval_args(without_checkpoints(c)), "has no checkpoints yet"),
+    "eval_step_that_does_not_exist": (lambda c: eval_args(c.trained, "--step", "3"),
+                                      "no checkpoint at step 3"),
+    "eval_stride_out_of_range": (lambda c: eval_args(c.trained, "--stride", "0"), "--stride=0 must be between"),
+    "eval_missing_text_file": (lambda c: eval_args(c.trained, "--text_file", str(c.tmp / "none.txt")),
+                               "does not exist"),
+    "eval_binary_text_file": (lambda c: eval_args(c.trained, "--text_file", str(c.file("z.bin", b"\0" * 64))),
+                              "looks binary"),
+    "eval_broken_tokenizer_file": (lambda c: eval_args(c.copy_with("tokenizer.json", lambda t: "{not json")),
+                                   "not a valid tokenizer file"),
+    "eval_config_of_other_shape": (lambda c: eval_args(c.copy_with(
+        "config.yaml", lambda t: t.replace("d_model: 64", "d_model: 32"))), "different model (d_model 64 there, 32 here)"),
+    "eval_config_with_python_tag": (lambda c: eval_args(c.copy_with(
+        "config.yaml", lambda t: t + "seed: !!python/name:os.system\n")), "is not valid YAML"),
+}
+
+
+def _snapshot(*roots: pathlib.Path) -> dict[pathlib.Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, trained, shakespeare):
+    make_argv, phrase = CASES[case]
+    ctx = Ctx(tmp_path, trained, shakespeare)
+    argv = make_argv(ctx)
+    before = _snapshot(tmp_path, trained)
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert phrase in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    after = _snapshot(tmp_path, trained)
+    assert {p: after.get(p) for p in before} == before, "a file that existed was changed or removed"
+    assert not (tmp_path / PWNED).exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--debug", "--config", "configs/tiny.yaml",
+                             "model.d_modle=64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "LMError: unknown config key 'model.d_modle'" in result.stderr
+
+
+def test_configs_are_read_with_safe_load_and_nothing_is_pickled():
+    sources = [p.read_text() for p in (ROOT / "lm").glob("*.py")]
+    assert not any("import pickle" in s or "yaml.load(" in s or "yaml.unsafe_load" in s for s in sources)

@@ -1,0 +1,43 @@
+"""Cheap checks of the pieces exact resume relies on: fingerprints, atomic files, metrics repair."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.fileio import write_atomic
+from lm.fingerprint import fingerprint
+from lm.trainer import MetricsLog
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_fingerprint_changes_with_any_single_element(dtype):
+    tree = {"a": jnp.arange(12, dtype=dtype).reshape(3, 4), "b": {"c": jnp.ones((5,), dtype)}}
+    reference = fingerprint(tree)
+    assert fingerprint({"a": tree["a"] + 0, "b": {"c": tree["b"]["c"] * 1}}) == reference
+    for index in [(0, 0), (1, 2), (2, 3)]:
+        changed = tree["a"].at[index].set(tree["a"][index] + 1)
+        assert fingerprint({**tree, "a": changed}) != reference
+    swapped = tree["a"].at[0, 0].set(tree["a"][0, 1]).at[0, 1].set(tree["a"][0, 0])
+    assert fingerprint({**tree, "a": swapped}) != reference
+    assert fingerprint({"a": tree["b"]["c"], "b": {"c": tree["a"]}}) != reference  # paths count
+
+
+def test_write_atomic_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "config.yaml"
+    write_atomic(path, "old\n")
+    write_atomic(path, "new: 1\n")
+    assert path.read_text() == "new: 1\n"
+    assert os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_metrics_log_drops_records_past_the_checkpoint_and_a_cut_line(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 5, 10, 15)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 20, "lo')
+    MetricsLog(tmp_path, resume_step=10, total_steps=30)
+    kept = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [1, 5, 10]
