@@ -1,6 +1,8 @@
 """Tokenizers, saved beside each run as `tokenizer.json` so evaluation never guesses.
 
 Byte-level ids: 0 PAD, 1 BOS, 2 EOS, then byte b is id b + 3 (vocabulary 259).
+SentencePiece (lm/sp_tokenizer.py) keeps the same PAD/BOS/EOS ids and saves its model
+as `tokenizer.model` beside `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ class ByteTokenizer:
 def make_tokenizer(kind: str) -> ByteTokenizer:
     if kind == "byte":
         return ByteTokenizer()
-    raise LMError(f"unknown tokenizer '{kind}'; set data.tokenizer=byte.")
+    raise LMError(f"unknown tokenizer '{kind}'; set data.tokenizer=byte or sentencepiece.")
 
 
 def save_tokenizer(tokenizer: ByteTokenizer, run_dir: str | pathlib.Path) -> None:
     path = pathlib.Path(run_dir) / TOKENIZER_FILE
+    if tokenizer.kind == "sentencepiece":
+        tokenizer.save(run_dir)
     path.write_text(json.dumps(tokenizer.to_json(), indent=2), encoding="utf-8")
 
 
@@ -60,4 +64,8 @@ def load_tokenizer(run_dir: str | pathlib.Path) -> ByteTokenizer:
         raise LMError(f"'{path}' is missing; train.py writes it, so pass the run_dir of a training run.") from None
     except (ValueError, KeyError, TypeError):
         raise LMError(f"'{path}' is not a valid tokenizer file; restore it from the run that wrote it.") from None
+    if kind == "sentencepiece":
+        from lm.sp_tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.from_file(path.parent / spec.get("model_file", ""))
     return make_tokenizer(kind)

@@ -1,7 +1,8 @@
 """The training loop: init or resume, step, log, validate, checkpoint.
 
 Running the same command again on a run_dir resumes from its newest checkpoint and
-continues exactly: batches are a function of (seed, step) and so is dropout.
+continues exactly: dropout is a function of (seed, step), and the data source either is
+too (random windows) or restores its position from the checkpoint (packed documents).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from lm.checkpoint import Checkpoints
 from lm.config import Config
 from lm.errors import LMError
 from lm.runtime import Runtime, build
-from lm.sharding import host_rows, maybe_initialize_distributed
-from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
-from lm.tokenizer import make_tokenizer, save_tokenizer
+from lm.data import make_data, run_tokenizer
+from lm.sharding import maybe_initialize_distributed
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -83,14 +83,10 @@ class MetricsLog:
         print(" | ".join(parts), flush=True)
 
 
-def validation_loss(rt: Runtime, params, data: TextData) -> float:
-    """Mean loss over eval.batches fixed random validation batches (nanoGPT's estimate)."""
-    cfg = rt.cfg
-    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+def validation_loss(rt: Runtime, params, data) -> float:
+    """Mean loss over eval.batches fixed validation batches (nanoGPT's estimate)."""
     total, weight = 0.0, 0.0
-    for i in range(cfg.eval.batches):
-        local = random_windows(data.val, cfg.seed, i, VAL_STREAM, batch_size, cfg.train.seq_len,
-                               host_rows(batch_size))
+    for local in data.val_batches(rt.cfg.eval.batch_size or rt.cfg.train.batch_size):
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
         total, weight = total + float(loss_sum), weight + float(weight_sum)
     return total / weight
@@ -104,17 +100,16 @@ def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
     maybe_initialize_distributed(cfg.parallel)
     run_dir = prepare_run_dir(cfg)
-    tokenizer = make_tokenizer(cfg.data.tokenizer)
-    data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)
-    if jax.process_index() == 0:
-        save_tokenizer(tokenizer, run_dir)
+    tokenizer = run_tokenizer(cfg, run_dir)
+    data = make_data(cfg, tokenizer)
     rt = build(cfg, tokenizer)
     cfg = rt.cfg
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = ckpts.latest() or 0
     if start:
-        state, _ = ckpts.restore_state(start, rt.restore_target)
+        state, saved = ckpts.restore_state(start, rt.restore_target)
         state = state.replace(step=rt.place_step(start))
+        data.restore(saved.get("data"))
         print(f"resumed from {ckpts.directory}/{start}", flush=True)
     else:
         state = rt.init(jax.random.key(cfg.seed))
@@ -138,9 +133,7 @@ def train(cfg: Config) -> list[dict]:
         log.write(record)
 
     for step in range(start, cfg.train.steps):
-        local = random_windows(data.train, cfg.seed, step, TRAIN_STREAM, cfg.train.batch_size,
-                               cfg.train.seq_len, host_rows(cfg.train.batch_size))
-        state, metrics = rt.train_step(state, rt.place_batch(local))
+        state, metrics = rt.train_step(state, rt.place_batch(data.batch(step)))
         flush()  # the previous step's metrics, read while this step runs
         done = step + 1
         if _is_due(done, cfg.log.every, cfg.train.steps) or done == start + 1:
@@ -152,7 +145,7 @@ def train(cfg: Config) -> list[dict]:
             log.write(record)
             last_time = time.perf_counter()
         if _is_due(done, cfg.checkpoint.every, cfg.train.steps):
-            ckpts.save(state, {"step": done, **meta})
+            ckpts.save(state, {"step": done, **meta, "data": data.state()})
     flush()
     ckpts.wait()
     ckpts.close()
