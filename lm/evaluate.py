@@ -58,9 +58,24 @@ def _batches(windows: Iterator[dict], batch_size: int) -> Iterator[dict[str, np.
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def _text_batches(cfg, tokenizer, text_file: str | None, stride: int | None, batch_size: int):
+    if text_file:
+        text = read_text(dataclasses.replace(cfg.data, text_file=text_file, sha256=""))
+    else:
+        text = split_text(read_text(cfg.data), cfg.data.val_fraction)[1]
+    tokens = tokenizer.encode(text)
+    if len(tokens) < 2:
+        raise LMError("the evaluation text has fewer than 2 tokens; pass a longer --text_file.")
+    return _batches(eval_windows(tokens, cfg.train.seq_len, stride), batch_size)
+
+
 def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None,
-             stride: int | None = None) -> dict:
-    """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest)."""
+             stride: int | None = None, split: str | None = None) -> dict:
+    """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest).
+
+    With data.source=tfds the documents of `split` (default data.eval_split) are packed as
+    in training and every token is scored once (`stride` does not apply).
+    """
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise LMError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}); pass the run_dir train.py wrote.")
@@ -78,16 +93,15 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     rt = build(cfg, tokenizer)
     params, _ = ckpts.restore_params(step, rt.restore_target.params)
 
-    if text_file:
-        text = read_text(dataclasses.replace(cfg.data, text_file=text_file, sha256=""))
+    if cfg.data.source == "tfds" and not text_file:
+        from lm.data import eval_batches
+
+        batches = eval_batches(cfg.data, tokenizer, cfg.train.seq_len, batch_size, split)
     else:
-        text = split_text(read_text(cfg.data), cfg.data.val_fraction)[1]
-    tokens = tokenizer.encode(text)
-    if len(tokens) < 2:
-        raise LMError("the evaluation text has fewer than 2 tokens; pass a longer --text_file.")
+        batches = _text_batches(cfg, tokenizer, text_file, stride, batch_size)
 
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
-    for batch in _batches(eval_windows(tokens, rt.cfg.train.seq_len, stride), batch_size):
+    for batch in batches:
         total_bytes += int((tokenizer.byte_lengths(batch["targets"]) * batch["weights"]).sum())
         local = {k: v[host_rows(batch_size)] for k, v in batch.items()}
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))

@@ -131,6 +131,7 @@ def prepare(cfg: DataConfig) -> pathlib.Path:
         train, val = split_documents(read_documents(cfg), cfg.val_fraction)
         builder = _builder_class()(splits={"train": train, "validation": val}, config=config,
                                    data_dir=data_dir(cfg), file_format="array_record")
+        tfds.disable_progress_bar()
         builder.download_and_prepare()
     return target
 
