@@ -18,10 +18,6 @@ from lm.errors import LMError
 from lm.model import Transformer
 from lm.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
 
-pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("grain")
-pytest.importorskip("sentencepiece")
-
 
 
 def _cfg(tmp_path, *overrides):
@@ -119,6 +115,14 @@ def test_sentencepiece_round_trip_and_fixed_ids(tmp_path, grimm):
     assert (tok._sp.pad_id(), tok._sp.bos_id(), tok._sp.eos_id()) == (0, 1, 2)
     save_tokenizer(tok, tmp_path)
     np.testing.assert_array_equal(load_tokenizer(tmp_path).encode(sample), ids)
+    # An existing .model file is copied into a new run and used as is.
+    from lm.data import run_tokenizer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = _cfg(tmp_path, "data.tokenizer=sentencepiece", f"data.tokenizer_model={tmp_path / 'tokenizer.model'}")
+    np.testing.assert_array_equal(run_tokenizer(cfg, run_dir).encode(sample), ids)
+    assert (run_dir / "tokenizer.model").read_bytes() == tok.model_proto
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(LMError, match="not a SentencePiece model"):
         sp_tokenizer.SentencePieceTokenizer.from_file(tmp_path / "bad.model")

@@ -12,6 +12,7 @@ import functools
 import glob
 import hashlib
 import json
+import os
 import pathlib
 from typing import Any, Sequence
 
@@ -23,7 +24,7 @@ BUILDER_NAME = "lm_text"
 
 
 def data_dir(cfg: DataConfig) -> str:
-    return cfg.tfds_data_dir or str(pathlib.Path(cfg.cache_dir).expanduser() / "tfds")
+    return os.path.expanduser(cfg.tfds_data_dir or os.path.join(cfg.cache_dir, "tfds"))
 
 
 def corpus_files(cfg: DataConfig) -> list[pathlib.Path]:
@@ -121,13 +122,14 @@ def _builder_class():
     return LmText
 
 
-def prepare(cfg: DataConfig) -> pathlib.Path:
-    """Builds the own-corpus dataset once (if absent) and returns its directory."""
+def prepare(cfg: DataConfig):
+    """Builds the own-corpus dataset once (if absent) and returns its directory (an epath)."""
     import tensorflow_datasets as tfds
+    from etils import epath
 
     config = tfds.core.BuilderConfig(name=corpus_id(cfg))
-    target = pathlib.Path(data_dir(cfg)) / BUILDER_NAME / config.name / "1.0.0"
-    if not (target / "dataset_info.json").is_file():
+    target = epath.Path(data_dir(cfg)) / BUILDER_NAME / config.name / "1.0.0"
+    if not (target / "dataset_info.json").exists():
         train, val = split_documents(read_documents(cfg), cfg.val_fraction)
         builder = _builder_class()(splits={"train": train, "validation": val}, config=config,
                                    data_dir=data_dir(cfg), file_format="array_record")
