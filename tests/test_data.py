@@ -174,10 +174,17 @@ def test_named_dataset_through_mock_data(tmp_path):
     assert first[0]["weights"].sum() > 0 and sum(int(b["weights"].sum()) for b in evals) > 0
 
 
+def test_named_dataset_from_a_locally_built_copy(tmp_path, grimm):
+    own = _cfg(tmp_path, f"data.text_file={grimm}", r"data.doc_separator=\n\n\n")
+    path = prepare(own.data)
+    named = _cfg(tmp_path, f"data.tfds_name=lm_text/{path.parent.name}")
+    assert _texts(open_split(named.data, "validation")) == _texts(open_split(own.data, "validation"))
+
+
 def test_named_dataset_errors(tmp_path):
     with pytest.raises(LMError, match="is not a TFDS dataset"):
         open_split(_cfg(tmp_path, "data.tfds_name=no_such_dataset_xyz").data, "train")
-    with pytest.raises(LMError, match="tfds build"):
+    with pytest.raises(LMError, match="not prepared in .*tfds build tiny_shakespeare"):
         open_split(_cfg(tmp_path, "data.tfds_name=tiny_shakespeare").data, "train")
 
 

@@ -146,10 +146,13 @@ def _named_source(cfg: DataConfig, split: str):
     except tfds.core.registered.DatasetNotFoundError:
         raise LMError(f"data.tfds_name={cfg.tfds_name!r} is not a TFDS dataset; check the name "
                       "(see tfds.list_builders()).") from None
-    except NotImplementedError:
-        raise LMError(f"{cfg.tfds_name} in {data_dir(cfg)} is stored as TFRecord, which needs TensorFlow; "
-                      f"rebuild it as array_record: pip install '.[tf]' && tfds build {cfg.tfds_name} "
-                      f"--data_dir={data_dir(cfg)} --file_format=array_record.") from None
+    except NotImplementedError:  # not prepared, or prepared as TFRecord
+        build = f"tfds build {cfg.tfds_name} --data_dir={data_dir(cfg)} --file_format=array_record"
+        if tfds.builder(cfg.tfds_name, data_dir=data_dir(cfg)).is_prepared():
+            raise LMError(f"{cfg.tfds_name} in {data_dir(cfg)} is stored as TFRecord, which needs TensorFlow; "
+                          f"rebuild it as array_record: pip install '.[tf]' && {build}") from None
+        raise LMError(f"{cfg.tfds_name} is not prepared in {data_dir(cfg)}; prepare it with {build} "
+                      "(or set data.tfds_data_dir to where it is).") from None
     except (AssertionError, FileNotFoundError, ValueError) as e:
         raise LMError(f"cannot read split '{split}' of {cfg.tfds_name} in {data_dir(cfg)} "
                       f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); prepare it with "
