@@ -48,6 +48,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     parser.add_argument("--text_file", help="score this UTF-8 file instead of the validation split")
     parser.add_argument("--stride", type=int, help="sliding-window stride (default: seq_len, no overlap)")
+    parser.add_argument("--split", help="data.source=tfds: the split to score (default: data.eval_split)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
@@ -55,7 +56,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     def main():
         from lm.evaluate import evaluate
 
-        result = evaluate(args.run_dir, args.step, args.text_file, args.stride)
+        result = evaluate(args.run_dir, args.step, args.text_file, args.stride, args.split)
         if args.json:
             print(json.dumps(result))
         else:

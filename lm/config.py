@@ -73,6 +73,18 @@ class DataConfig:
     cache_dir: str = "~/.cache/lm"
     val_fraction: float = 0.1
     tokenizer: str = "byte"
+    vocab_size: int = 4096  # sentencepiece: vocabulary to train
+    spm_algorithm: str = "bpe"
+    tokenizer_model: str = ""  # sentencepiece: an existing .model file instead of training one
+    source: str = "text_file"  # text_file: random windows of one file; tfds: packed documents (grain)
+    files: str = ""  # tfds source, own corpus: comma-separated paths or globs of .txt / .jsonl files
+    doc_separator: str = ""  # cut text files into documents at this string ("\n" = newline); "": whole file
+    text_key: str = "text"  # the text field of JSONL lines and of named datasets
+    tfds_name: str = ""  # a named TFDS dataset (prepared as array_record), e.g. tiny_shakespeare
+    tfds_data_dir: str = ""  # "": cache_dir/tfds
+    train_split: str = "train"
+    eval_split: str = "validation"
+    workers: int = 0  # grain worker processes (0: in the training process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +163,9 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "auto"),
     "model.remat": REMAT_POLICIES,
-    "data.tokenizer": ("byte", "hf"),
+    "data.tokenizer": ("byte", "sentencepiece", "hf"),
+    "data.spm_algorithm": ("bpe", "unigram"),
+    "data.source": ("text_file", "tfds"),
     "parallel.mode": ("mesh", "pmap"),
 }
 
@@ -308,7 +322,7 @@ def validate(c: Config) -> None:
         _require(flat[key] > 0, f"config key '{key}' must be positive, got {flat[key]}.")
     for key in ("model.vocab_size", "model.n_kv_heads", "model.d_ff", "optim.warmup_steps",
                 "optim.decay_steps", "eval.every", "eval.batches", "eval.batch_size",
-                "optim.weight_decay", "optim.grad_clip", "optim.lr"):
+                "optim.weight_decay", "optim.grad_clip", "optim.lr", "data.workers"):
         _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
     m, t = c.model, c.train
     _require(m.d_model % m.n_heads == 0,
@@ -322,6 +336,9 @@ def validate(c: Config) -> None:
              f"train.seq_len={t.seq_len} is above model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len.")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
     _require(0.0 < c.data.val_fraction < 1.0, f"data.val_fraction={c.data.val_fraction} must be in (0, 1).")
+    _require(c.data.tokenizer != "sentencepiece" or c.data.tokenizer_model or c.data.vocab_size >= 300,
+             f"data.vocab_size={c.data.vocab_size} is too small for SentencePiece with byte fallback "
+             "(256 byte pieces + specials); use at least 300.")
     _require(0.0 <= c.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={c.optim.min_lr_ratio} must be in [0, 1].")
     _require(t.batch_size % t.grad_accum_steps == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}; change one of them.")

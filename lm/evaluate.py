@@ -51,11 +51,7 @@ def _batches(windows: Iterator[dict], batch_size: int) -> Iterator[dict[str, np.
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None,
-             stride: int | None = None) -> dict:
-    """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest)."""
-    opened = open_run(run_dir, step)
-    cfg, tokenizer = opened.cfg, opened.tokenizer
+def _text_batches(cfg, tokenizer, text_file: str | None, stride: int | None, batch_size: int):
     if text_file:
         text = read_text(dataclasses.replace(cfg.data, text_file=text_file, sha256=""))
     else:
@@ -63,12 +59,31 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     tokens = tokenizer.encode(text)
     if len(tokens) < 2:
         raise LMError("the evaluation text has fewer than 2 tokens; pass a longer --text_file.")
-    next(eval_windows(tokens, cfg.train.seq_len, stride))  # checks --stride before restoring anything
+    next(eval_windows(tokens, cfg.train.seq_len, stride))  # checks --stride now, before restoring anything
+    return _batches(eval_windows(tokens, cfg.train.seq_len, stride), batch_size)
+
+
+def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None,
+             stride: int | None = None, split: str | None = None) -> dict:
+    """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest).
+
+    With data.source=tfds the documents of `split` (default data.eval_split) are packed as
+    in training and every token is scored once (`stride` does not apply).
+    """
+    opened = open_run(run_dir, step)
+    cfg, tokenizer = opened.cfg, opened.tokenizer
+    batch_size = cfg.train.batch_size
+    if cfg.data.source == "tfds" and not text_file:
+        from lm.data import eval_batches
+
+        batches = eval_batches(cfg.data, tokenizer, cfg.train.seq_len, batch_size, split)
+    else:
+        batches = _text_batches(cfg, tokenizer, text_file, stride, batch_size)  # checks text and stride first
     run = load_params(opened)
-    rt, params, step, batch_size = run.runtime, run.params, run.step, run.cfg.train.batch_size
+    rt, params, step = run.runtime, run.params, run.step
 
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
-    for batch in _batches(eval_windows(tokens, rt.cfg.train.seq_len, stride), batch_size):
+    for batch in batches:
         total_bytes += int((tokenizer.byte_lengths(batch["targets"]) * batch["weights"]).sum())
         local = {k: v[rt.host_rows(batch_size)] for k, v in batch.items()}
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))

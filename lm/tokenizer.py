@@ -1,6 +1,8 @@
 """Tokenizers, saved beside each run as `tokenizer.json` so evaluation never guesses.
 
 Byte-level ids: 0 PAD, 1 BOS, 2 EOS, then byte b is id b + 3 (vocabulary 259).
+SentencePiece (lm/sp_tokenizer.py) keeps the same PAD/BOS/EOS ids and saves its model
+as `tokenizer.model` beside `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ def make_tokenizer(kind: str) -> ByteTokenizer:
     if kind == "hf":
         raise LMError("data.tokenizer=hf is a pretrained model's tokenizer; create the run with "
                       "python -m lm.hf import HF_DIR RUN_DIR, then train with --config RUN_DIR/config.yaml.")
-    raise LMError(f"unknown tokenizer '{kind}'; set data.tokenizer=byte.")
+    raise LMError(f"unknown tokenizer '{kind}'; set data.tokenizer=byte or sentencepiece.")
 
 
 def save_tokenizer(tokenizer: ByteTokenizer, run_dir: str | pathlib.Path) -> None:
     path = pathlib.Path(run_dir) / TOKENIZER_FILE
+    if tokenizer.kind == "sentencepiece":
+        tokenizer.save(run_dir)
     write_atomic(path, json.dumps(tokenizer.to_json(), indent=2))
 
 
@@ -68,4 +72,8 @@ def load_tokenizer(run_dir: str | pathlib.Path) -> ByteTokenizer:
         from lm import hf_tokenizer
 
         return hf_tokenizer.load(pathlib.Path(run_dir), spec)
+    if kind == "sentencepiece":
+        from lm.sp_tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.from_file(path.parent / spec.get("model_file", ""))
     return make_tokenizer(kind)

@@ -1,9 +1,10 @@
 """The training loop: init or resume, step, log, validate, checkpoint.
 
 Running the same command again on a run_dir resumes from its newest checkpoint and
-continues exactly: batches are a function of (seed, step) and so is dropout. SIGTERM
-checkpoints the current step and exits 0 (lm.preemption); a NaN/Inf step stops the run
-before anything diverged is checkpointed, or is skipped (lm.nonfinite).
+continues exactly: dropout is a function of (seed, step), and the data source either is
+too (random windows) or restores its position from the checkpoint (packed documents).
+SIGTERM checkpoints the current step and exits 0 (lm.preemption); a NaN/Inf step stops
+the run before anything diverged is checkpointed, or is skipped (lm.nonfinite).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 
 from lm import config as config_lib
 from lm.checkpoint import Checkpoints
@@ -24,9 +24,9 @@ from lm.fileio import write_atomic
 from lm.nonfinite import NonfiniteWatch
 from lm.preemption import Preemption
 from lm.runtime import Runtime, build
+from lm.data import make_data, run_tokenizer
 from lm.sharding import maybe_initialize_distributed
-from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
-from lm.tokenizer import TOKENIZER_FILE, load_tokenizer, make_tokenizer, save_tokenizer
+from lm.tokenizer import save_tokenizer
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -93,14 +93,10 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def validation_loss(rt: Runtime, params, data: TextData) -> float:
-    """Mean loss over eval.batches fixed random validation batches (nanoGPT's estimate)."""
-    cfg = rt.cfg
-    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+def validation_loss(rt: Runtime, params, data) -> float:
+    """Mean loss over eval.batches fixed validation batches (nanoGPT's estimate)."""
     total, weight = 0.0, 0.0
-    for i in range(cfg.eval.batches):
-        local = random_windows(data.val, cfg.seed, i, VAL_STREAM, batch_size, cfg.train.seq_len,
-                               rt.host_rows(batch_size))
+    for local in data.val_batches(rt.cfg.eval.batch_size or rt.cfg.train.batch_size):
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
         total, weight = total + float(loss_sum), weight + float(weight_sum)
     return total / weight
@@ -121,12 +117,11 @@ def train(cfg: Config) -> list[dict]:
 
 
 def _train(cfg: Config, preemption: Preemption) -> list[dict]:
-    # An imported model (python -m lm.hf import) keeps the tokenizer stored in its run_dir.
-    imported = cfg.data.tokenizer == "hf" and (pathlib.Path(cfg.run_dir) / TOKENIZER_FILE).is_file()
-    tokenizer = load_tokenizer(cfg.run_dir) if imported else make_tokenizer(cfg.data.tokenizer)
-    data = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)  # before anything is written
-    run_dir = prepare_run_dir(cfg)
+    # The run's own tokenizer when resuming (or for a model imported with python -m lm.hf import).
+    tokenizer = run_tokenizer(cfg, pathlib.Path(cfg.run_dir))
     rt = build(cfg, tokenizer)
+    data = make_data(rt.cfg, tokenizer, rt.host_rows)  # before anything is written
+    run_dir = prepare_run_dir(cfg)
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
     try:
@@ -135,6 +130,7 @@ def _train(cfg: Config, preemption: Preemption) -> list[dict]:
         if latest is not None:
             state, saved = ckpts.restore_state(start, rt.restore_target, expect=meta)
             state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
+            data.restore(saved.get("data"))
             print(f"resumed from {ckpts.directory}/{start}", flush=True)
         else:
             state = rt.init(jax.random.key(cfg.seed))
@@ -147,7 +143,7 @@ def _train(cfg: Config, preemption: Preemption) -> list[dict]:
         ckpts.close()  # waits for a checkpoint still being written
 
 
-def _loop(rt: Runtime, data: TextData, run_dir: pathlib.Path, ckpts: Checkpoints, preemption: Preemption,
+def _loop(rt: Runtime, data, run_dir: pathlib.Path, ckpts: Checkpoints, preemption: Preemption,
           state, start: int, watch: NonfiniteWatch, meta: dict) -> list[dict]:
     """Steps from `start` to train.steps, logging, validating and checkpointing on schedule."""
     cfg = rt.cfg
@@ -173,9 +169,7 @@ def _loop(rt: Runtime, data: TextData, run_dir: pathlib.Path, ckpts: Checkpoints
         log.write(record)
 
     for step in range(start, cfg.train.steps):
-        local = random_windows(data.train, cfg.seed, step, TRAIN_STREAM, cfg.train.batch_size,
-                               cfg.train.seq_len, rt.host_rows(cfg.train.batch_size))
-        state, metrics = rt.train_step(state, rt.place_batch(local))
+        state, metrics = rt.train_step(state, rt.place_batch(data.batch(step)))
         done = step + 1
         watch.add(done, metrics["nonfinite"])
         flush()  # the previous step's metrics, read while this step runs
@@ -191,7 +185,7 @@ def _loop(rt: Runtime, data: TextData, run_dir: pathlib.Path, ckpts: Checkpoints
         preempted = preemption.reached(done)
         if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):
             watch.check(done)  # never checkpoint a diverged state
-            ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta})
+            ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()})
         if preempted:
             break
     flush()

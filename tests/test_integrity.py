@@ -6,7 +6,6 @@ import json
 import os
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from lm.fileio import write_atomic
