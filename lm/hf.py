@@ -27,7 +27,7 @@ from lm.errors import LMError
 from lm.model import Transformer
 from lm.step import TrainState
 from lm.tokenizer import ByteTokenizer, save_tokenizer
-from lm.trainer import CHECKPOINT_DIR, prepare_run_dir
+from lm.trainer import CHECKPOINT_DIR, CONFIG_FILE, prepare_run_dir
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 
@@ -190,6 +190,7 @@ def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, override
     ckpts.save(TrainState(step=rt.place_step(0), params=params, opt_state=opt_state), meta)
     ckpts.wait()
     ckpts.close()
+    config_lib.save_config(cfg, run_dir / CONFIG_FILE)
     return run_dir
 
 
