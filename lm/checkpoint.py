@@ -74,7 +74,8 @@ class Checkpoints:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax and TensorStore raise many types; all mean "cannot read this step".
-            reason = (str(e).splitlines() or [type(e).__name__])[0].split(". See full")[0][:160]
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = " ".join(first_line.split(". See full")[0].split())[:160]
             raise LMError(f"checkpoint {self.directory}/{step} does not fit this model or is damaged ({reason}); "
                           "use the config it was trained with, or delete that step directory to use an "
                           "earlier checkpoint.") from e

@@ -19,7 +19,7 @@ def _run(main, debug: bool) -> None:
     except LMError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         sys.exit(2)
 
 

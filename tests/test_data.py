@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm.data import PackedData, eval_batches
+from lm.data import eval_batches, make_data
 from lm.data.corpus import open_split, prepare, read_documents, split_documents
 from lm.data.pipeline import from_json_state, packed_dataset
 from lm.errors import LMError
@@ -117,11 +117,14 @@ def test_sentencepiece_round_trip_and_fixed_ids(tmp_path, grimm):
     np.testing.assert_array_equal(load_tokenizer(tmp_path).encode(sample), ids)
     # An existing .model file is copied into a new run and used as is.
     from lm.data import run_tokenizer
+    from lm.tokenizer import save_tokenizer
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = _cfg(tmp_path, "data.tokenizer=sentencepiece", f"data.tokenizer_model={tmp_path / 'tokenizer.model'}")
-    np.testing.assert_array_equal(run_tokenizer(cfg, run_dir).encode(sample), ids)
+    loaded = run_tokenizer(cfg, run_dir)
+    np.testing.assert_array_equal(loaded.encode(sample), ids)
+    save_tokenizer(loaded, run_dir)  # the trainer saves it once the run has started
     assert (run_dir / "tokenizer.model").read_bytes() == tok.model_proto
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(LMError, match="not a SentencePiece model"):
@@ -160,11 +163,11 @@ def test_named_dataset_through_mock_data(tmp_path):
 
     cfg = _cfg(tmp_path, "data.tfds_name=tiny_shakespeare", "data.train_split=train", "data.eval_split=test")
     with tfds.testing.mock_data(num_examples=6):
-        data = PackedData(cfg, ByteTokenizer())
+        data = make_data(cfg, ByteTokenizer())
         first = [data.batch(i) for i in range(3)]
         state = json.loads(json.dumps(data.state()))
         after = [data.batch(i) for i in range(3, 5)]
-        again = PackedData(cfg, ByteTokenizer())
+        again = make_data(cfg, ByteTokenizer())
         again.restore(state)
         for a, b in zip(after, [again.batch(i) for i in range(3, 5)]):
             for key in a:
