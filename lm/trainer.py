@@ -18,6 +18,8 @@ from lm import config as config_lib
 from lm.checkpoint import Checkpoints
 from lm.config import Config
 from lm.errors import LMError
+from lm.metrics import flops_per_token, mfu, peak_flops
+from lm.observe import Profiler, Progress, TensorBoard, make_sampler, sample_text
 from lm.runtime import Runtime, build
 from lm.sharding import host_rows, maybe_initialize_distributed
 from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
@@ -58,9 +60,10 @@ def _check_resumable(old: Config, new: Config, run_dir: pathlib.Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) plus console lines; process 0 only."""
+    """metrics.jsonl (one JSON object per logged step), TensorBoard events, console lines and
+    a progress bar (on a terminal); process 0 only."""
 
-    def __init__(self, run_dir: pathlib.Path, resume_step: int, total_steps: int):
+    def __init__(self, run_dir: pathlib.Path, resume_step: int, total_steps: int, tensorboard: bool = True):
         self.path = run_dir / METRICS_FILE
         self.total_steps = total_steps
         self.enabled = jax.process_index() == 0
@@ -68,19 +71,33 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
+        self.tensorboard = TensorBoard(run_dir, resume_step, tensorboard and self.enabled)
+        self.progress = Progress(resume_step, total_steps)
+        self.summary = ""
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tensorboard.scalars(record)
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("lr", "lr {:.2e}"),
                          ("grad_norm", "grad {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
-                         ("eta_sec", "eta {:.0f}s")):
-            if key in record:
+                         ("mfu", "mfu {:.2%}"), ("eta_sec", "eta {:.0f}s")):
+            if record.get(key) is not None:
                 parts.append(fmt.format(record[key]))
-        print(" | ".join(parts), flush=True)
+        if "loss" in record:
+            self.summary = f"loss {record['loss']:.4f} | {record['tokens_per_sec']:,.0f} tok/s"
+        self.progress.line(" | ".join(parts))
+
+    def step(self, done: int) -> None:
+        if self.enabled:
+            self.progress.update(done, self.summary)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.tensorboard.close()
 
 
 def validation_loss(rt: Runtime, params, data: TextData) -> float:
@@ -118,7 +135,12 @@ def train(cfg: Config) -> list[dict]:
         print(f"resumed from {ckpts.directory}/{start}", flush=True)
     else:
         state = rt.init(jax.random.key(cfg.seed))
-    log = MetricsLog(run_dir, start, cfg.train.steps)
+    log = MetricsLog(run_dir, start, cfg.train.steps, cfg.log.tensorboard)
+    flops_per_tok = flops_per_token(cfg.model, cfg.train.seq_len)
+    total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype)
+    profiler = Profiler(run_dir, cfg.profile.start_step, cfg.profile.steps)
+    prompt_P = data.val[:max(1, min(16, cfg.train.seq_len - cfg.log.sample_tokens))]
+    sampler = make_sampler(rt.model, len(prompt_P), min(cfg.log.sample_tokens, cfg.train.seq_len - len(prompt_P)))
     meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(cfg)["model"]}
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     records, pending = [], None
@@ -132,7 +154,8 @@ def train(cfg: Config) -> list[dict]:
         record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
         now = time.perf_counter()
         rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-        record.update(tokens_per_sec=rate, eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
+        record.update(tokens_per_sec=rate, mfu=mfu(rate, flops_per_tok, total_peak),
+                      eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
         last_time, last_step, pending = now, step, None
         records.append(record)
         log.write(record)
@@ -140,9 +163,12 @@ def train(cfg: Config) -> list[dict]:
     for step in range(start, cfg.train.steps):
         local = random_windows(data.train, cfg.seed, step, TRAIN_STREAM, cfg.train.batch_size,
                                cfg.train.seq_len, host_rows(cfg.train.batch_size))
+        profiler.before_step(step)
         state, metrics = rt.train_step(state, rt.place_batch(local))
         flush()  # the previous step's metrics, read while this step runs
         done = step + 1
+        profiler.after_step(done, state)
+        log.step(done)
         if _is_due(done, cfg.log.every, cfg.train.steps) or done == start + 1:
             pending = (done, metrics)
         if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
@@ -150,10 +176,14 @@ def train(cfg: Config) -> list[dict]:
             record = {"step": done, "val_loss": validation_loss(rt, state.params, data)}
             records.append(record)
             log.write(record)
+            if cfg.log.sample_tokens and cfg.log.tensorboard:
+                log.tensorboard.text("sample", sample_text(sampler, state.params, prompt_P, tokenizer), done)
             last_time = time.perf_counter()
         if _is_due(done, cfg.checkpoint.every, cfg.train.steps):
             ckpts.save(state, {"step": done, **meta})
     flush()
+    profiler.close()
+    log.close()
     ckpts.wait()
     ckpts.close()
     return records
