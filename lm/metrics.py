@@ -87,13 +87,17 @@ def table_peak(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_matmul_probe(dtype: str = "float32", size: int = 1024, seconds: float = 0.5) -> float:
-    """Best FLOP/s of a jitted [size x size] @ [size x size] on this process's CPU (cached).
+def cpu_matmul_probe(dtype: str = "float32") -> float:
+    """Best FLOP/s of a jitted 1024 x 1024 matmul on this process's CPU, measured once.
 
-    The best of repeated runs over `seconds`: an upper estimate of what the whole process
-    can do, which every CPU device of the process shares.
+    The best of repeated runs over half a second: an upper estimate of what the whole
+    process can do, which every CPU device of the process shares.
     """
+    return _probe(dtype, 1024, 0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(dtype: str, size: int, seconds: float) -> float:
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((size, size), dtype), cpu)
     matmul = jax.jit(lambda x: x @ x)
