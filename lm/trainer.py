@@ -174,6 +174,7 @@ def train(cfg: Config) -> list[dict]:
         if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
             flush()
             record = {"step": done, "val_loss": validation_loss(rt, state.params, data)}
+            total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype, refresh=True)
             records.append(record)
             log.write(record)
             if cfg.log.sample_tokens and cfg.log.tensorboard:
