@@ -64,6 +64,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.start, self.total, self.width = start, total, width
         self.started = time.perf_counter()
+        self.first = None  # (step, time) of the first update: the rate excludes compilation
         self.step, self.bar = start, ""
 
     def line(self, text: str) -> None:
@@ -78,9 +79,11 @@ class Progress:
         self.step = step
         if not self.tty:
             return
-        done = (step - self.start) / max(self.total - self.start, 1)
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * (1 - done) if done > 0 else 0.0
+        now = time.perf_counter()
+        self.first = self.first or (step, now)
+        elapsed, (first_step, first_time) = now - self.started, self.first
+        rate = (step - first_step) / (now - first_time) if step > first_step else 0.0
+        eta = (self.total - step) / rate if rate else 0.0
         filled = int(self.width * (step / max(self.total, 1)))
         self.bar = (f"{step}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] "
                     f"{_duration(elapsed)}<{_duration(eta)} {summary}").rstrip()
