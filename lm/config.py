@@ -128,6 +128,14 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
     every: int = 10
+    tensorboard: bool = True  # event files in run_dir (tensorboardX)
+    sample_tokens: int = 64  # greedy continuation logged to TensorBoard at eval steps; 0: none
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    start_step: int = 0  # first traced step
+    steps: int = 0  # steps traced into run_dir/profile; 0: no trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +160,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
+    profile: ProfileConfig = ProfileConfig()
     parallel: ParallelConfig = ParallelConfig()
 
 
@@ -322,7 +331,8 @@ def validate(c: Config) -> None:
         _require(flat[key] > 0, f"config key '{key}' must be positive, got {flat[key]}.")
     for key in ("model.vocab_size", "model.n_kv_heads", "model.d_ff", "optim.warmup_steps",
                 "optim.decay_steps", "eval.every", "eval.batches", "eval.batch_size",
-                "optim.weight_decay", "optim.grad_clip", "optim.lr", "data.workers"):
+                "optim.weight_decay", "optim.grad_clip", "optim.lr", "data.workers", "log.sample_tokens",
+                "profile.start_step", "profile.steps"):
         _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
     m, t = c.model, c.train
     _require(m.d_model % m.n_heads == 0,

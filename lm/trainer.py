@@ -15,6 +15,7 @@ import pathlib
 import time
 
 import jax
+import numpy as np
 
 from lm import config as config_lib
 from lm.checkpoint import Checkpoints
@@ -23,6 +24,8 @@ from lm.errors import LMError
 from lm.fileio import write_atomic
 from lm.nonfinite import NonfiniteWatch
 from lm.preemption import Preemption
+from lm.metrics import flops_per_token, mfu, peak_flops
+from lm.observe import Profiler, Progress, TensorBoard, make_sampler, sample_text
 from lm.runtime import Runtime, build
 from lm.data import make_data, run_tokenizer
 from lm.sharding import maybe_initialize_distributed
@@ -61,28 +64,43 @@ def _check_resumable(old: Config, new: Config, run_dir: pathlib.Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) plus console lines; process 0 only."""
+    """metrics.jsonl (one JSON object per logged step), TensorBoard events, console lines and
+    a progress bar (on a terminal); process 0 only."""
 
-    def __init__(self, run_dir: pathlib.Path, resume_step: int, total_steps: int):
+    def __init__(self, run_dir: pathlib.Path, resume_step: int, total_steps: int, tensorboard: bool = True):
         self.path = run_dir / METRICS_FILE
         self.total_steps = total_steps
         self.enabled = jax.process_index() == 0
         if self.enabled and self.path.exists():  # drop records a killed run logged past its checkpoint
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self.tensorboard = TensorBoard(run_dir, resume_step, tensorboard and self.enabled)
+        self.progress = Progress(resume_step, total_steps)
+        self.summary = ""
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tensorboard.scalars(record)
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("lr", "lr {:.2e}"),
                          ("grad_norm", "grad {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
-                         ("eta_sec", "eta {:.0f}s"), ("skipped_steps", "skipped {}")):
-            if key in record:
+                         ("mfu", "mfu {:.2%}"), ("eta_sec", "eta {:.0f}s"), ("skipped_steps", "skipped {}")):
+            if record.get(key) is not None:
                 parts.append(fmt.format(record[key]))
-        print(" | ".join(parts), flush=True)
+        if "loss" in record:
+            self.summary = f"loss {record['loss']:.4f} | {record['tokens_per_sec']:,.0f} tok/s"
+        self.progress.line(" | ".join(parts))
+
+    def step(self, done: int) -> None:
+        if self.enabled:
+            self.progress.update(done, self.summary)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.tensorboard.close()
 
 
 def _step_of(line: str) -> float:
@@ -147,7 +165,29 @@ def _loop(rt: Runtime, data, run_dir: pathlib.Path, ckpts: Checkpoints, preempti
           state, start: int, watch: NonfiniteWatch, meta: dict) -> list[dict]:
     """Steps from `start` to train.steps, logging, validating and checkpointing on schedule."""
     cfg = rt.cfg
-    log = MetricsLog(run_dir, start, cfg.train.steps)
+    log = MetricsLog(run_dir, start, cfg.train.steps, cfg.log.tensorboard)
+    profiler = Profiler(run_dir, cfg.profile.start_step, cfg.profile.steps)
+    try:
+        return _steps(rt, data, ckpts, preemption, state, start, watch, meta, log, profiler)
+    finally:
+        profiler.close()
+        log.close()
+
+
+def _sample_prompt(rt: Runtime, data) -> np.ndarray:
+    """The first tokens of the first validation row: the prompt of the text samples."""
+    cfg = rt.cfg
+    row = next(iter(data.val_batches(cfg.eval.batch_size or cfg.train.batch_size)))["inputs"][0]
+    return row[:max(1, min(16, cfg.train.seq_len - cfg.log.sample_tokens))]
+
+
+def _steps(rt: Runtime, data, ckpts: Checkpoints, preemption: Preemption, state, start: int,
+           watch: NonfiniteWatch, meta: dict, log: MetricsLog, profiler: Profiler) -> list[dict]:
+    cfg, tokenizer = rt.cfg, data.tokenizer
+    flops_per_tok = flops_per_token(cfg.model, cfg.train.seq_len)
+    total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype)
+    prompt_P = _sample_prompt(rt, data)
+    sampler = make_sampler(rt.model, len(prompt_P), min(cfg.log.sample_tokens, cfg.train.seq_len - len(prompt_P)))
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     records, pending = [], None
     last_time, last_step, preempted = time.perf_counter(), start, False
@@ -163,24 +203,31 @@ def _loop(rt: Runtime, data, run_dir: pathlib.Path, ckpts: Checkpoints, preempti
             record["skipped_steps"] = watch.skipped
         now = time.perf_counter()
         rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-        record.update(tokens_per_sec=rate, eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
+        record.update(tokens_per_sec=rate, mfu=mfu(rate, flops_per_tok, total_peak),
+                      eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
         last_time, last_step, pending = now, step, None
         records.append(record)
         log.write(record)
 
     for step in range(start, cfg.train.steps):
+        profiler.before_step(step)
         state, metrics = rt.train_step(state, rt.place_batch(data.batch(step)))
         done = step + 1
         watch.add(done, metrics["nonfinite"])
         flush()  # the previous step's metrics, read while this step runs
+        profiler.after_step(done, state)
+        log.step(done)
         if _is_due(done, cfg.log.every, cfg.train.steps) or done == start + 1:
             pending = (done, metrics)
         if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
             flush()
             watch.check(done)
             record = {"step": done, "val_loss": validation_loss(rt, state.params, data)}
+            total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype, refresh=True)
             records.append(record)
             log.write(record)
+            if cfg.log.sample_tokens and cfg.log.tensorboard:
+                log.tensorboard.text("sample", sample_text(sampler, state.params, prompt_P, tokenizer), done)
             last_time = time.perf_counter()
         preempted = preemption.reached(done)
         if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):

@@ -32,7 +32,7 @@ class WindowData:
     """data.source=text_file: random windows of one text file."""
 
     def __init__(self, cfg: Config, tokenizer, host_rows):
-        self.cfg, self.host_rows = cfg, host_rows
+        self.cfg, self.tokenizer, self.host_rows = cfg, tokenizer, host_rows
         self.text = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,116 @@
+"""The shakespeare_cpu model and train step in idiomatic PyTorch, timed like `lm.bench`.
+
+Same architecture (pre-norm GPT: learned positions, LayerNorm without bias, tanh-GELU MLP,
+causal scaled-dot-product attention, tied embeddings, no biases, no dropout), same
+optimizer (AdamW with warmup + cosine, global-norm clipping at 1.0), same batch
+(12 x 64 byte tokens), float32. For comparing tokens/s on one machine:
+
+    pip install torch==2.13.0   # CPU wheel
+    python benchmarks/torch_reference.py --steps 50 --warmup 5
+    python -m lm.bench --config configs/shakespeare_cpu.yaml data.text_file=../shared/data/tinyshakespeare.txt --steps 50 --warmup 5
+
+Options set the shape (--n_layers, --d_model, --batch_size, --seq_len, ...); --compile
+uses torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = nn.LayerNorm(d_model, bias=False)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.mlp_norm = nn.LayerNorm(d_model, bias=False)
+        self.up = nn.Linear(d_model, 4 * d_model, bias=False)
+        self.down = nn.Linear(4 * d_model, d_model, bias=False)
+
+    def forward(self, x_BxTxD):
+        B, T, D = x_BxTxD.shape
+        q, k, v = self.qkv(self.attn_norm(x_BxTxD)).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        attn_BxNxTxH = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x_BxTxD = x_BxTxD + self.out(attn_BxNxTxH.transpose(1, 2).reshape(B, T, D))
+        return x_BxTxD + self.down(F.gelu(self.up(self.mlp_norm(x_BxTxD)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, n_layers: int, d_model: int, n_heads: int, max_seq_len: int):
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size, d_model)
+        self.pos_embed = nn.Embedding(max_seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model, bias=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, tokens_BxT):
+        positions_T = torch.arange(tokens_BxT.shape[1], device=tokens_BxT.device)
+        x_BxTxD = self.token_embed(tokens_BxT) + self.pos_embed(positions_T)
+        for block in self.blocks:
+            x_BxTxD = block(x_BxTxD)
+        return self.final_norm(x_BxTxD) @ self.token_embed.weight.T  # tied head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("n_layers", 4), ("d_model", 128), ("n_heads", 4), ("batch_size", 12),
+                          ("seq_len", 64), ("vocab_size", 259), ("steps", 50), ("warmup", 5), ("threads", 0)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(1337)
+    model = GPT(args.vocab_size, args.n_layers, args.d_model, args.n_heads, args.seq_len)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    total, warm = 2000, 100
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (
+        1 + math.cos(math.pi * min(max(s - warm, 0) / (total - warm), 1.0)))))
+    forward = torch.compile(model) if args.compile else model
+    rng = np.random.default_rng(0)
+    data = torch.from_numpy(rng.integers(3, args.vocab_size, 1 << 20).astype(np.int64))
+
+    def step():
+        starts = torch.from_numpy(rng.integers(0, len(data) - args.seq_len - 1, args.batch_size))
+        windows = data[starts[:, None] + torch.arange(args.seq_len + 1)]
+        logits = forward(windows[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    print(json.dumps({"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
+                      "compile": args.compile, "tokens_per_sec": args.batch_size * args.seq_len / median,
+                      "step_sec_median": median, "step_sec_p10": float(np.percentile(times, 10)),
+                      "step_sec_p90": float(np.percentile(times, 90)), "steps": args.steps}))
+
+
+if __name__ == "__main__":
+    main()
