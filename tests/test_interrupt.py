@@ -91,7 +91,7 @@ def comparable(records: list[dict]) -> dict[tuple[int, str], dict]:
     for r in records:
         key = (r["step"], "val" if "val_loss" in r else "train")
         assert key not in out, f"step {key} logged twice"
-        out[key] = {k: v for k, v in r.items() if k not in ("tokens_per_sec", "eta_sec")}
+        out[key] = {k: v for k, v in r.items() if k not in ("tokens_per_sec", "eta_sec", "mfu")}
     return out
 
 
