@@ -32,16 +32,17 @@ GIB = 1024**3
 class Chip:
     hbm_bytes: int  # HBM per chip
     peak_bf16_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bandwidth: float  # bytes/s per chip
     megacore: bool  # two TensorCores presented as one JAX device
     source: str
 
 
 # Google Cloud TPU documentation, "key specifications" tables (HBM quoted there as 32/16/95/32 GB).
 CHIPS = {
-    "v4": Chip(32 * GIB, 275e12, True, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip(16 * GIB, 197e12, False, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip(95 * GIB, 459e12, True, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip(32 * GIB, 918e12, False, "https://cloud.google.com/tpu/docs/v6e"),
+    "v4": Chip(32 * GIB, 275e12, 1200e9, True, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip(16 * GIB, 197e12, 819e9, False, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip(95 * GIB, 459e12, 2765e9, True, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip(32 * GIB, 918e12, 1640e9, False, "https://cloud.google.com/tpu/docs/v6e"),
 }
 TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 
@@ -106,6 +107,12 @@ def suggestions(cfg: Config, n_chips: int) -> list[str]:
     return out
 
 
+def _bytes_in(message: str) -> int:
+    """The first size such as '54.62G' in a compiler message, in bytes (0 when there is none)."""
+    match = re.search(r"(\d+(?:\.\d+)?)([KMGT])\b", message)
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2))) if match else 0
+
+
 def _compile(cfg: Config, devices):
     """(runtime, TPU executable) of the train step train.py would run for `cfg` on `devices`."""
     from lm.runtime import build
@@ -136,8 +143,10 @@ def _optimizer_cost(rt) -> np.ndarray:
     return _cost(jitted.lower(target.params, target.opt_state).compile())
 
 
-def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str]:
-    """Per-chip [FLOPs, seconds, bytes] of one whole train step, and how it was obtained.
+def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str, bool]:
+    """Per-chip [FLOPs, seconds, bytes] of one whole train step, how it was obtained, and
+    whether the compiler's seconds are usable (XLA's `optimal_seconds` turns negative when
+    it cannot cost an operation, e.g. some collectives).
 
     XLA's cost analysis counts a loop body once, whatever its trip count, so a step with
     scanned layers or gradient accumulation is costed from loop-free compiles of one
@@ -146,33 +155,30 @@ def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str]:
     """
     m, t = cfg.model, cfg.train
     if not m.scan_layers and t.grad_accum_steps == 1:
-        return _cost(compiled), "the compiled step"
+        return _cost(compiled), "the compiled step", _cost(compiled)[1] > 0
     micro = {"train.batch_size": t.batch_size // t.grad_accum_steps, "train.grad_accum_steps": 1,
              "model.scan_layers": False}
     one, two = (_cost(_compile(replace(cfg, **micro, **{"model.n_layers": n}), devices)[1]) for n in (1, 2))
     micro_step = one + (m.n_layers - 1) * (two - one)
     optimizer = _optimizer_cost(rt)
     return (t.grad_accum_steps * (micro_step - optimizer) + optimizer,
-            "loop-free compiles of one micro-batch with 1 and 2 layers, extrapolated")
+            "loop-free compiles of one micro-batch with 1 and 2 layers, extrapolated",
+            min(one[1], two[1], optimizer[1]) > 0)
 
 
 def analyse(cfg: Config, topology: str) -> dict:
     """Compiles cfg's train step for `topology` and returns per-chip memory, cost and MFU estimates."""
     import jax
 
+    from lm.runtime import build
+    from lm.tokenizer import ByteTokenizer
+
     chip, devices = topology_devices(topology)
-    rt, compiled = _compile(cfg, devices)
-    mem = compiled.memory_analysis()
-    # Sizes are per chip; aliased bytes (the donated state) are counted in both arguments and outputs.
-    hbm = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes \
-        + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
-    (flops, step_s, bytes_accessed), cost_source = step_cost(cfg, devices, rt, compiled)
+    rt = build(cfg, ByteTokenizer(), devices=devices)
     n = len(devices)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     model_flops = model_flops_per_token(rt.cfg.model, cfg.train.seq_len) * tokens
-    peak = n * chip.peak_bf16_flops
-    fits = hbm <= chip.hbm_bytes
-    return {
+    report = {
         "topology": topology,
         "device_kind": devices[0].device_kind,
         "chips": n,
@@ -182,23 +188,48 @@ def analyse(cfg: Config, topology: str) -> dict:
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "remat": cfg.model.remat,
         "params": int(sum(x.size for x in jax.tree.leaves(rt.abstract_state.params))),
+        "hbm_capacity_bytes": chip.hbm_bytes,
+        "model_flops_per_step": model_flops,
+        "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
+    }
+    try:
+        compiled = rt.train_step.lower(rt.restore_target, rt.abstract_batch()).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses a program that cannot fit; its message names the shortfall.
+        return {**report, "fits": False, "hbm_needed_bytes": _bytes_in(str(e)), "compiler_message":
+                str(e).splitlines()[0], "suggestions": suggestions(cfg, n)}
+    mem = compiled.memory_analysis()
+    # Sizes are per chip; aliased bytes (the donated state) are counted in both arguments and outputs.
+    hbm = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes \
+        + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+    (flops, optimal_s, bytes_accessed), cost_source, compiler_timed = step_cost(cfg, devices, rt, compiled)
+    # Roofline: the slower of the chip's peak FLOP/s and its HBM bandwidth (communication ignored).
+    roofline_s = max(flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bandwidth)
+    step_s = float(optimal_s) if compiler_timed else float(roofline_s)
+    peak = n * chip.peak_bf16_flops
+    fits = hbm <= chip.hbm_bytes
+    return {
+        **report,
         "hbm_argument_bytes": int(mem.argument_size_in_bytes),
         "hbm_output_bytes": int(mem.output_size_in_bytes),
         "hbm_alias_bytes": int(mem.alias_size_in_bytes),
         "hbm_temp_bytes": int(mem.temp_size_in_bytes),
         "hbm_code_bytes": int(mem.generated_code_size_in_bytes),
         "hbm_needed_bytes": int(hbm),
-        "hbm_capacity_bytes": chip.hbm_bytes,
         "fits": fits,
-        "model_flops_per_step": model_flops,
         "compiler_flops_per_step": float(flops) * n,  # cost analysis counts one chip's share
         "bytes_accessed_per_chip": float(bytes_accessed),
-        "estimated_step_s": float(step_s),
+        "compiler_optimal_s": float(optimal_s),
+        "roofline_step_s": float(roofline_s),
+        "estimated_step_s": step_s,
+        "step_time_source": "compiler optimal_seconds" if compiler_timed else
+        "roofline (compiler optimal_seconds unusable)",
         "cost_source": cost_source,
         "estimated_tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
         "estimated_mfu": model_flops / (step_s * peak) if step_s > 0 else 0.0,
         "estimated_hfu": flops * n / (step_s * peak) if step_s > 0 else 0.0,
-        "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
         "suggestions": [] if fits else suggestions(cfg, n),
     }
 
@@ -206,10 +237,15 @@ def analyse(cfg: Config, topology: str) -> dict:
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    header = (f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}, "
+              f"batch {r['batch_size']} x {r['seq_len']} (accum {r['grad_accum_steps']}), remat {r['remat']}, "
+              f"{r['params'] / 1e6:.1f}M params")
+    if "compiler_message" in r:
+        lines = [header, f"  HBM per chip    DOES NOT FIT in {gib(r['hbm_capacity_bytes'])}; the TPU compiler "
+                 f"refused it: {r['compiler_message']}"]
+        return "\n".join(lines + [f"  to fit: {s}" for s in r["suggestions"]])
     lines = [
-        f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}, "
-        f"batch {r['batch_size']} x {r['seq_len']} (accum {r['grad_accum_steps']}), remat {r['remat']}, "
-        f"{r['params'] / 1e6:.1f}M params",
+        header,
         "compiler estimates for one train step, not measurements:",
         f"  HBM per chip    {gib(r['hbm_needed_bytes'])} of {gib(r['hbm_capacity_bytes'])}: {verdict}",
         f"    arguments {gib(r['hbm_argument_bytes'])}, temporaries {gib(r['hbm_temp_bytes'])}, "
@@ -217,7 +253,7 @@ def format_report(r: dict) -> str:
         f"  FLOPs per step  {r['model_flops_per_step']:.3e} model (6N + attention), "
         f"{r['compiler_flops_per_step']:.3e} compiled (incl. recomputation)",
         f"  step time       {r['estimated_step_s'] * 1e3:.1f} ms ({r['estimated_tokens_per_s']:,.0f} tokens/s), "
-        f"costed from {r['cost_source']}",
+        f"from {r['step_time_source']}; costed from {r['cost_source']}",
         f"  MFU             {r['estimated_mfu']:.1%} of {r['peak_bf16_flops_per_chip'] / 1e12:.0f} "
         f"TFLOP/s bf16 per chip (hardware FLOPs utilisation {r['estimated_hfu']:.1%})",
     ]
