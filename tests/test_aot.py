@@ -61,6 +61,7 @@ def test_memory_grows_with_batch(reports):
     assert large["model_flops_per_step"] == 128 * small["model_flops_per_step"]
 
 
+@pytest.mark.slow
 def test_scanned_accumulated_step_is_costed_like_the_unrolled_one(reports):
     """XLA counts a loop body once; the extrapolated cost must match a loop-free compile."""
     unrolled = reports("model.n_layers=3", "train.batch_size=16")
