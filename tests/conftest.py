@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+
+# Tests run on the CPU (fake devices where they need several), also where libtpu (the `tpu`
+# extra, for lm.aot) or a GPU is installed; subprocesses inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 
