@@ -21,8 +21,9 @@ import sys
 
 import numpy as np
 
-from lm.config import Config, ModelConfig, load_config, replace
+from lm.config import Config, load_config, replace
 from lm.errors import LMError
+from lm.metrics import flops_per_token
 
 LIBTPU_PIN = "libtpu==0.0.42"  # the build matching jax 0.10.2 (keep in step with setup.cfg's `tpu` extra)
 GIB = 1024**3
@@ -75,21 +76,6 @@ def topology_devices(topology: str) -> tuple[Chip, list]:
         raise LMError(f"libtpu rejected --topology '{topology}' ({reason}); use a shape Cloud TPU offers, "
                       "e.g. v5e:2x2, v5e:2x4, v4:2x2x1.") from None
     return chip, list(desc.devices)
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in matrix multiplies (input embedding lookups excluded)."""
-    d, h, kv, f, v = cfg.d_model, cfg.head_dim, cfg.kv_heads, cfg.ff_dim, cfg.vocab_size
-    attn = d * cfg.n_heads * h * 2 + d * kv * h * 2
-    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-    return cfg.n_layers * (attn + mlp) + d * v  # + the output projection (tied or not)
-
-
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per matmul weight plus 12*L*T*D for attention scores
-    (the PaLM paper's MFU convention, Chowdhery et al. 2022, appendix B; no causal halving,
-    no recomputation counted)."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * seq_len * cfg.d_model
 
 
 def suggestions(cfg: Config, n_chips: int) -> list[str]:
@@ -177,7 +163,7 @@ def analyse(cfg: Config, topology: str) -> dict:
     rt = build(cfg, ByteTokenizer(), devices=devices)
     n = len(devices)
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    model_flops = model_flops_per_token(rt.cfg.model, cfg.train.seq_len) * tokens
+    model_flops = flops_per_token(rt.cfg.model, cfg.train.seq_len) * tokens
     report = {
         "topology": topology,
         "device_kind": devices[0].device_kind,

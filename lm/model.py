@@ -16,15 +16,31 @@ class Block(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
     decode: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         cfg = self.cfg
+        x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h = Attention(cfg, self.decode, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT)
         x_BxTxD = x_BxTxD + drop(h)
         h = MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
         return x_BxTxD + drop(h), None
+
+
+def constrain(x_BxTxD: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Pins activations to be split by batch, so FSDP gathers weights, never activations.
+
+    A batch the sharding cannot split evenly (init traces one row) is left to the compiler.
+    """
+    if sharding is None:
+        return x_BxTxD
+    n = len(sharding.device_set)
+    batch_shards = n // sharding.shard_shape((n,) + x_BxTxD.shape[1:])[0]
+    if x_BxTxD.shape[0] % batch_shards:
+        return x_BxTxD
+    return jax.lax.with_sharding_constraint(x_BxTxD, sharding)
 
 
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -40,10 +56,12 @@ class Transformer(nn.Module):
     `positions_BxT` (default 0..T-1) and `segment_ids_BxT` (documents packed in one row
     never attend to each other) serve packed batches. `decode=True` keeps a KV cache
     (see lm.layers.Attention) for generation; pass the absolute positions then.
+    `activation_sharding` (set by lm.runtime on a mesh) lays out every [B, T, D] block input.
     """
 
     cfg: ModelConfig
     decode: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
@@ -64,18 +82,19 @@ class Transformer(nn.Module):
         elif cfg.position == "sinusoidal":
             x_BxTxD += sinusoidal_BxTxD(positions_BxT, cfg.d_model).astype(x_BxTxD.dtype)
         x_BxTxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxTxD)
+        block_args = (cfg, deterministic, self.decode, self.activation_sharding)
 
         block = _block_class(cfg)
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxTxD, _ = stack(cfg, deterministic, self.decode, name="blocks")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+            x_BxTxD, _ = stack(*block_args, name="blocks")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
         else:
             for i in range(cfg.n_layers):
-                x_BxTxD, _ = block(cfg, deterministic, self.decode, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+                x_BxTxD, _ = block(*block_args, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
 
-        x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
+        x_BxTxD = make_norm(cfg, "final_norm")(constrain(x_BxTxD, self.activation_sharding))
         if cfg.tie_embeddings:
             return embed.attend(x_BxTxD)
         return nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,

@@ -12,7 +12,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 SCALARS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu")
@@ -121,26 +120,10 @@ class Profiler:
             self.active = False
 
 
-def make_sampler(model, prompt_len: int, new_tokens: int):
-    """A jitted greedy continuation: full forward passes over a fixed window, one token each.
+def sample_text(params, model_cfg, prompt_P: np.ndarray, tokenizer, new_tokens: int) -> str:
+    """Decoded prompt + its greedy continuation (lm.generate, with the KV cache)."""
+    from lm.generate import generate
 
-    Plain and slow (no KV cache), fine for a few dozen tokens at eval steps.
-    """
-    length = prompt_len + new_tokens
-
-    @jax.jit
-    def sample(params, prompt_P):
-        tokens_1xL = jnp.zeros((1, length), jnp.int32).at[0, :prompt_len].set(prompt_P)
-
-        def next_token(i, tokens_1xL):
-            logits_1xLxV = model.apply({"params": params}, tokens_1xL)
-            return tokens_1xL.at[0, i].set(jnp.argmax(logits_1xLxV[0, i - 1]).astype(jnp.int32))
-
-        return jax.lax.fori_loop(prompt_len, length, next_token, tokens_1xL)[0]
-
-    return sample
-
-
-def sample_text(sampler, params, prompt_P: np.ndarray, tokenizer) -> str:
-    """Decoded prompt + continuation."""
-    return tokenizer.decode(np.asarray(jax.device_get(sampler(params, jnp.asarray(prompt_P)))).tolist())
+    new_tokens = min(new_tokens, model_cfg.max_seq_len - len(prompt_P))
+    continuation = generate(params, model_cfg, prompt_P, new_tokens)[0]
+    return tokenizer.decode(np.concatenate([prompt_P, continuation]).tolist())

@@ -79,11 +79,11 @@ def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, tokenizer))
     mesh = sharding.make_mesh(cfg.parallel, devices)
     sharding.check_layout(cfg, mesh)
-    model = Transformer(cfg.model)
+    batch_sharding = sharding.batch_sharding(mesh)
+    model = Transformer(cfg.model, activation_sharding=batch_sharding)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     rules = sharding.logical_rules(cfg.model, mesh)
     abstract_state, state_sharding = sharding.state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
-    batch_sharding = sharding.batch_sharding(mesh)
 
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
     step = jax.jit(

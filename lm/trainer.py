@@ -20,14 +20,14 @@ import numpy as np
 from lm import config as config_lib
 from lm.checkpoint import Checkpoints
 from lm.config import Config
+from lm.data import make_data, run_tokenizer
 from lm.errors import LMError
 from lm.fileio import write_atomic
-from lm.nonfinite import NonfiniteWatch
-from lm.preemption import Preemption
 from lm.metrics import flops_per_token, mfu, peak_flops
-from lm.observe import Profiler, Progress, TensorBoard, make_sampler, sample_text
+from lm.nonfinite import NonfiniteWatch
+from lm.observe import Profiler, Progress, TensorBoard, sample_text
+from lm.preemption import Preemption
 from lm.runtime import Runtime, build
-from lm.data import make_data, run_tokenizer
 from lm.sharding import maybe_initialize_distributed
 from lm.tokenizer import save_tokenizer
 
@@ -178,7 +178,7 @@ def _sample_prompt(rt: Runtime, data) -> np.ndarray:
     """The first tokens of the first validation row: the prompt of the text samples."""
     cfg = rt.cfg
     row = next(iter(data.val_batches(cfg.eval.batch_size or cfg.train.batch_size)))["inputs"][0]
-    return row[:max(1, min(16, cfg.train.seq_len - cfg.log.sample_tokens))]
+    return row[:max(1, min(16, cfg.model.max_seq_len // 2))]
 
 
 def _steps(rt: Runtime, data, ckpts: Checkpoints, preemption: Preemption, state, start: int,
@@ -187,7 +187,6 @@ def _steps(rt: Runtime, data, ckpts: Checkpoints, preemption: Preemption, state,
     flops_per_tok = flops_per_token(cfg.model, cfg.train.seq_len)
     total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype)
     prompt_P = _sample_prompt(rt, data)
-    sampler = make_sampler(rt.model, len(prompt_P), min(cfg.log.sample_tokens, cfg.train.seq_len - len(prompt_P)))
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     records, pending = [], None
     last_time, last_step, preempted = time.perf_counter(), start, False
@@ -227,7 +226,8 @@ def _steps(rt: Runtime, data, ckpts: Checkpoints, preemption: Preemption, state,
             records.append(record)
             log.write(record)
             if cfg.log.sample_tokens and cfg.log.tensorboard:
-                log.tensorboard.text("sample", sample_text(sampler, state.params, prompt_P, tokenizer), done)
+                text = sample_text(state.params, cfg.model, prompt_P, tokenizer, cfg.log.sample_tokens)
+                log.tensorboard.text("sample", text, done)
             last_time = time.perf_counter()
         preempted = preemption.reached(done)
         if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):

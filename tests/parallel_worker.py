@@ -22,7 +22,7 @@ from lm.errors import LMError
 from lm.evaluate import evaluate
 from lm.runtime import build
 from lm.text_data import TRAIN_STREAM, TextData, random_windows
-from lm.tokenizer import make_tokenizer
+from lm.tokenizer import ByteTokenizer, make_tokenizer
 from lm.trainer import CHECKPOINT_DIR, METRICS_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -117,8 +117,17 @@ def case_eight_devices(args: dict) -> dict:
         ("batch", ("train.batch_size=12",)), ("heads", ("parallel.tensor=8", "parallel.data=1")),
         ("mesh", ("parallel.data=16",)), ("pmap_fsdp", ("parallel.mode=pmap", "parallel.fsdp=2")),
         ("pmap_batch", ("parallel.mode=pmap", "train.batch_size=12")))}
+    out["memory"] = {name: compiled_memory(tiny(args, "model.d_model=256", "train.batch_size=64", *ov))
+                     for name, ov in (("data8", ()), ("fsdp8", ("parallel.data=1", "parallel.fsdp=8")))}
     train_main(train_args(args, args["run_dir"], "parallel.fsdp=4", "parallel.tensor=2"))
     return out
+
+
+def compiled_memory(cfg) -> dict[str, int]:
+    """The compiler's per-device bytes for the train step (arguments and temporaries)."""
+    rt = build(cfg, ByteTokenizer())
+    analysis = rt.train_step.lower(rt.restore_target, rt.abstract_batch()).compile().memory_analysis()
+    return {"arguments": analysis.argument_size_in_bytes, "temporaries": analysis.temp_size_in_bytes}
 
 
 def case_resume(args: dict) -> dict:
