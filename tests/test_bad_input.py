@@ -108,6 +108,28 @@ def eval_args(run, *extra) -> list[str]:
 
 
 PWNED = "pwned-by-yaml"
+GPT2_CONFIG = ('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2, "n_embd": 32, '
+               '"n_head": 4, "n_positions": 64, "vocab_size": 300}')
+
+
+def hf_dir(ctx: Ctx, config: str, weights: dict[str, bytes]) -> pathlib.Path:
+    """A Hugging Face-style model directory with this config.json and weight files."""
+    directory = ctx.tmp / "hf"
+    directory.mkdir()
+    (directory / "config.json").write_text(config)
+    for name, data in weights.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def evil_pickle(ctx: Ctx) -> bytes:
+    """A pickle that would create the PWNED file if anything ever unpickled it."""
+    return (b"cos\nsystem\n(S'touch " + str(ctx.tmp / PWNED).encode() + b"'\ntR.")
+
+
+def hf_import(directory: pathlib.Path, ctx: Ctx) -> list[str]:
+    return ["-m", "lm.hf", "import", str(directory), str(ctx.tmp / "imported"), "--tokenizer", "byte"]
+
 META = "checkpoints/4/meta/metadata"
 # id -> (function of the case context returning argv, a phrase the message must contain)
 CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
@@ -178,6 +200,12 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                                    "not a valid tokenizer file"),
     "eval_config_of_other_shape": (lambda c: eval_args(c.copy_with(
         "config.yaml", lambda t: t.replace("d_model: 64", "d_model: 32"))), "different model (d_model 64 there, 32 here)"),
+    # Hugging Face directories
+    "hf_unsupported_architecture": (lambda c: hf_import(hf_dir(c, '{"architectures": ["MambaForCausalLM"]}', {
+        "model.safetensors": b"x"}), c), "lm imports only LlamaForCausalLM and GPT2LMHeadModel"),
+    "hf_only_pickle_weights": (lambda c: hf_import(hf_dir(c, GPT2_CONFIG, {
+        "pytorch_model.bin": evil_pickle(c)}), c), "pickle files, which lm never loads"),
+    "hf_missing_config": (lambda c: hf_import(c.tmp, c), "config.json' is missing"),
     "eval_config_with_python_tag": (lambda c: eval_args(c.copy_with(
         "config.yaml", lambda t: t + "seed: !!python/name:os.system\n")), "is not valid YAML"),
 }
