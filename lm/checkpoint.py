@@ -9,7 +9,9 @@ arrays on the current mesh, whatever mesh wrote them. Parameters restore alone f
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -71,6 +73,7 @@ class Checkpoints:
         return restored
 
     def _read(self, step: int, **items):
+        _silence_stray_read_errors()
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax and TensorStore raise many types; all mean "cannot read this step".
@@ -115,3 +118,30 @@ def _difference(recorded: Any, current: Any) -> str:
         keys = [k for k in sorted(set(recorded) & set(current)) if recorded[k] != current[k]]
         return ", ".join(f"{k} {recorded[k]!r} there, {current[k]!r} here" for k in keys[:3])
     return f"{recorded!r} there, {current!r} here"
+
+
+_STRAY_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array index")
+
+
+def _is_stray(text: str) -> bool:
+    return any(marker in text for marker in _STRAY_READ_ERRORS)
+
+
+def _silence_stray_read_errors() -> None:
+    """When a restore fails, its other reads still in flight fail too, on Orbax's (soon closed)
+    event loop, and print tracebacks as "unraisable" exceptions or asyncio "never retrieved"
+    log records; drop those (only those) so the one-line error stays alone. Installed once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "lm_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _is_stray(str(unraisable.exc_value)):
+            previous(unraisable)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not _is_stray(record.getMessage() + str(record.exc_info[1] if record.exc_info else ""))
+
+    hook.lm_filter = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(keep)

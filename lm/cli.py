@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -21,11 +20,7 @@ def _run(main, debug: bool) -> None:
         if debug:
             raise
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Skip interpreter teardown: after a failed restore, Orbax's background event loop can
-        # print tracebacks at exit that would bury the one line above. Nothing is left to write.
-        os._exit(2)
+        sys.exit(2)
 
 
 def train_main(argv: list[str] | None = None) -> None:
