@@ -1,7 +1,8 @@
 """The shakespeare_cpu model and train step in idiomatic PyTorch, timed like `lm.bench`.
 
 Same architecture (pre-norm GPT: learned positions, LayerNorm without bias, tanh-GELU MLP,
-causal scaled-dot-product attention, tied embeddings, no biases, no dropout), same
+causal scaled-dot-product attention, tied embeddings, no biases; --dropout on the embeddings
+and both residual branches, as lm.model does), same
 optimizer (AdamW with warmup + cosine, global-norm clipping at 1.0), same batch
 (12 x 64 byte tokens), float32. For comparing tokens/s on one machine:
 
@@ -27,9 +28,10 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
+        self.drop = nn.Dropout(dropout)
         self.attn_norm = nn.LayerNorm(d_model, bias=False)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
@@ -42,16 +44,18 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.attn_norm(x_BxTxD)).split(D, dim=-1)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
         attn_BxNxTxH = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x_BxTxD = x_BxTxD + self.out(attn_BxNxTxH.transpose(1, 2).reshape(B, T, D))
-        return x_BxTxD + self.down(F.gelu(self.up(self.mlp_norm(x_BxTxD)), approximate="tanh"))
+        x_BxTxD = x_BxTxD + self.drop(self.out(attn_BxNxTxH.transpose(1, 2).reshape(B, T, D)))
+        return x_BxTxD + self.drop(self.down(F.gelu(self.up(self.mlp_norm(x_BxTxD)), approximate="tanh")))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, n_layers: int, d_model: int, n_heads: int, max_seq_len: int):
+    def __init__(self, vocab_size: int, n_layers: int, d_model: int, n_heads: int, max_seq_len: int,
+                 dropout: float):
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, d_model)
         self.pos_embed = nn.Embedding(max_seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
         self.final_norm = nn.LayerNorm(d_model, bias=False)
         for p in self.parameters():
             if p.dim() == 2:
@@ -59,7 +63,7 @@ class GPT(nn.Module):
 
     def forward(self, tokens_BxT):
         positions_T = torch.arange(tokens_BxT.shape[1], device=tokens_BxT.device)
-        x_BxTxD = self.token_embed(tokens_BxT) + self.pos_embed(positions_T)
+        x_BxTxD = self.drop(self.token_embed(tokens_BxT) + self.pos_embed(positions_T))
         for block in self.blocks:
             x_BxTxD = block(x_BxTxD)
         return self.final_norm(x_BxTxD) @ self.token_embed.weight.T  # tied head
@@ -70,12 +74,13 @@ def main() -> None:
     for name, default in (("n_layers", 4), ("d_model", 128), ("n_heads", 4), ("batch_size", 12),
                           ("seq_len", 64), ("vocab_size", 259), ("steps", 50), ("warmup", 5), ("threads", 0)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(1337)
-    model = GPT(args.vocab_size, args.n_layers, args.d_model, args.n_heads, args.seq_len)
+    model = GPT(args.vocab_size, args.n_layers, args.d_model, args.n_heads, args.seq_len, args.dropout)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from lm.config import Config, load_config
+from lm.cpu_devices import split_cpu
 from lm.errors import LMError
 from lm.metrics import flops_per_token, mfu, peak_flops
 from lm.runtime import build
@@ -66,6 +67,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
     """Compiles and times `steps` steady-state train steps of `cfg`; returns the figures."""
     if steps < 1 or warmup < 0:
         raise LMError(f"--steps must be at least 1 and --warmup at least 0 (got {steps}, {warmup}).")
+    split_cpu(cfg)
     tokenizer = make_tokenizer(cfg.data.tokenizer)
     tokens, source = load_tokens(cfg, tokenizer)
     rt = build(cfg, tokenizer)

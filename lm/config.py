@@ -144,6 +144,7 @@ class ParallelConfig:
     data: int = -1  # -1: all devices not used by fsdp and tensor
     fsdp: int = 1
     tensor: int = 1
+    cpu_devices: int = 0  # JAX devices a CPU host is split into; 0: one per core (lm.cpu_devices)
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
@@ -357,6 +358,7 @@ def validate(c: Config) -> None:
         _require(size == -1 or size > 0, f"config key '{key}' must be positive or -1 (fill), got {size}.")
     _require([p.data, p.fsdp, p.tensor].count(-1) <= 1,
              "only one of parallel.data, parallel.fsdp, parallel.tensor may be -1 (fill the rest).")
+    _require(p.cpu_devices >= 0, f"parallel.cpu_devices={p.cpu_devices} must be 0 (one per core) or a device count.")
     _require(math.isfinite(c.optim.lr), "optim.lr must be a finite number.")
     _require(0 < t.preemption_grace_s < math.inf, f"train.preemption_grace_s={t.preemption_grace_s} must be positive "
              "(the seconds the scheduler allows between SIGTERM and SIGKILL).")

@@ -8,6 +8,7 @@ T length, D model width, N query heads, K key/value heads, H head width, F hidde
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -84,6 +85,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    dot_general: Callable | None = None  # of the projections; None: lax.dot_general
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
@@ -94,7 +96,7 @@ class Attention(nn.Module):
             return nn.DenseGeneral(
                 features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 kernel_init=normal_init(cfg.init_std, ("embed",) + names),
-                bias_init=zeros_init(names), name=name)(x_BxTxD)
+                bias_init=zeros_init(names), dot_general=self.dot_general, name=name)(x_BxTxD)
 
         q_BxTxNxH = project((N, H), ("heads", "head_dim"), "query")
         k_BxTxKxH = project((K, H), ("kv_heads", "head_dim"), "key")
@@ -114,7 +116,7 @@ class Attention(nn.Module):
             x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             kernel_init=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layers), ("heads", "head_dim", "embed")),
-            bias_init=zeros_init(("embed",)), name="out")(out_BxTxNxH)
+            bias_init=zeros_init(("embed",)), dot_general=self.dot_general, name="out")(out_BxTxNxH)
 
     def _extend_cache(self, k_BxTxKxH, v_BxTxKxH):
         """Writes this chunk at the cache index; returns all cached keys/values [B, S, K, H] and the mask."""
@@ -133,6 +135,7 @@ class MLP(nn.Module):
     """Feed-forward: GELU (GPT-2) or SwiGLU (Llama)."""
 
     cfg: ModelConfig
+    dot_general: Callable | None = None  # of the projections; None: lax.dot_general
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -140,7 +143,8 @@ class MLP(nn.Module):
 
         def dense(features, names, std, name):
             return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                            kernel_init=normal_init(std, names), bias_init=zeros_init(names[-1:]), name=name)
+                            kernel_init=normal_init(std, names), bias_init=zeros_init(names[-1:]),
+                            dot_general=self.dot_general, name=name)
 
         up = dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "up")
         if cfg.mlp == "swiglu":

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from lm.config import ModelConfig
 from lm.layers import MLP, Attention, make_norm, normal_init, sinusoidal_BxTxD
+from lm.matmul import dense_dot_general
 
 
 class Block(nn.Module):
@@ -23,9 +24,11 @@ class Block(nn.Module):
         cfg = self.cfg
         x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h = Attention(cfg, self.decode, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT)
+        dot_general = dense_dot_general(self.activation_sharding)
+        h = Attention(cfg, self.decode, dot_general, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD), positions_BxT,
+                                                                  mask_Bx1xTxT)
         x_BxTxD = x_BxTxD + drop(h)
-        h = MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
+        h = MLP(cfg, dot_general, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
         return x_BxTxD + drop(h), None
 
 

@@ -10,6 +10,7 @@ import jax
 
 from lm import config as config_lib
 from lm.checkpoint import Checkpoints
+from lm.cpu_devices import split_cpu
 from lm.errors import LMError
 from lm.runtime import Runtime, build
 from lm.tokenizer import load_tokenizer
@@ -45,16 +46,19 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: i
     if not (run_dir / CONFIG_FILE).is_file():
         raise LMError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}); pass the run_dir train.py wrote.")
     cfg = config_lib.load_config(run_dir / CONFIG_FILE)
+    batch_size = batch_size or cfg.eval.batch_size or cfg.train.batch_size
+    cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
+                                     "parallel.tensor": 1, "train.batch_size": batch_size,
+                                     "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
+    split_cpu(cfg)
     tokenizer = load_tokenizer(run_dir)
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, read_only=True)
     step = ckpts.latest() if step is None else step
     if step is None:
         raise LMError(f"'{run_dir}' has no checkpoints yet; train it first (python train.py ... run_dir={run_dir}).")
     ways = jax.device_count()
-    batch_size = -(-(batch_size or cfg.eval.batch_size or cfg.train.batch_size) // ways) * ways
-    cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
-                                     "parallel.tensor": 1, "train.batch_size": batch_size,
-                                     "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
+    batch_size = -(-batch_size // ways) * ways
+    cfg = config_lib.replace(cfg, **{"train.batch_size": batch_size, "eval.batch_size": batch_size})
     return OpenRun(cfg, tokenizer, ckpts, int(step))
 
 

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm import sharding
 from lm.config import Config, ModelConfig
+from lm.matmul import cpu_compiler_options
 from lm.errors import LMError
 from lm.model import Transformer
 from lm.optim import make_optimizer
@@ -55,6 +56,14 @@ class Runtime:
     def restore_target(self) -> TrainState:
         return sharding.with_shardings(self.abstract_state, self.state_sharding)
 
+    def describe(self) -> str:
+        """One line on where the step runs: devices, mesh axes and parameter count."""
+        device = self.mesh.devices.flat[0]
+        axes = " ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
+        n_params = sum(leaf.size for leaf in jax.tree.leaves(self.abstract_state.params))
+        return (f"{self.mesh.size} x {device.device_kind} ({device.platform}) | {self.cfg.parallel.mode} {axes} | "
+                f"{n_params / 1e6:.2f}M parameters")
+
     def host_rows(self, batch_size: int) -> np.ndarray:
         """The rows of a global batch of `batch_size` that this process loads."""
         return sharding.host_rows(batch_size, self.batch_sharding)
@@ -86,12 +95,14 @@ def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
     abstract_state, state_sharding = sharding.state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
 
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
+    options = cpu_compiler_options() if mesh.devices.flat[0].platform == "cpu" else None
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
                           grad_accum_steps=cfg.train.grad_accum_steps,
                           skip_nonfinite=cfg.train.skip_nonfinite),
-        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
+        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0,
+        compiler_options=options)
     evaluate = jax.jit(functools.partial(eval_step, model=model),
-                       in_shardings=(state_sharding.params, batch_sharding))
+                       in_shardings=(state_sharding.params, batch_sharding), compiler_options=options)
     return Runtime(cfg, model, mesh, tx, schedule, abstract_state, state_sharding, batch_sharding,
                    init, step, evaluate)

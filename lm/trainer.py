@@ -28,6 +28,7 @@ from lm.nonfinite import NonfiniteWatch
 from lm.observe import Profiler, Progress, TensorBoard, sample_text
 from lm.preemption import Preemption
 from lm.runtime import Runtime, build
+from lm.cpu_devices import split_cpu
 from lm.sharding import maybe_initialize_distributed
 from lm.tokenizer import save_tokenizer
 
@@ -126,6 +127,7 @@ def _is_due(step: int, every: int, last: int) -> bool:
 
 def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
+    split_cpu(cfg)
     maybe_initialize_distributed(cfg.parallel)
     preemption = Preemption(cfg.train.preemption_grace_s)
     try:
@@ -155,6 +157,7 @@ def _train(cfg: Config, preemption: Preemption) -> list[dict]:
         if jax.process_index() == 0:  # written once the run is known to start (a failed start changes nothing)
             config_lib.save_config(cfg, run_dir / CONFIG_FILE)
             save_tokenizer(tokenizer, run_dir)
+            print(rt.describe(), flush=True)
         watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
         return _loop(rt, data, run_dir, ckpts, preemption, state, start, watch, meta)
     finally:

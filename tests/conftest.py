@@ -9,9 +9,14 @@ import pathlib
 # extra, for lm.aot) or a GPU is installed; subprocesses inherit this.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import pytest
 
 from lm.config import load_config
+
+# In-process tests see one CPU device whatever the machine's cores; train.py subprocesses
+# split the cores as users' runs do (lm.cpu_devices), and test_parallel asks for 8 devices.
+jax.config.update("jax_num_cpu_devices", 1)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from lm.checkpoint import Checkpoints
+from lm.config import load_config
+from lm.cpu_devices import auto_count, usable_cores
 from lm.evaluate import eval_windows, evaluate
 from lm.runtime import build
 from lm.step import token_losses
@@ -30,8 +32,6 @@ def final_params(run_dir, cfg, step):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shakespeare):
     """One tiny 30-step run shared by the tests below."""
-    from lm.config import load_config
-
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={shakespeare}", f"run_dir={run_dir}"])
     records = train(cfg)
@@ -128,6 +128,8 @@ def test_cli_end_to_end(tmp_path, shakespeare):
     done = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "step      6/6" in done.stdout
+    devices = auto_count(load_config(ROOT / "configs" / "tiny.yaml"), usable_cores())  # one per core the batch allows
+    assert f"{devices} x cpu (cpu) | mesh data={devices} fsdp=1 tensor=1 |" in done.stdout.splitlines()[0]
     out = subprocess.run([sys.executable, "eval.py", "--run_dir", str(run_dir), "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
