@@ -211,11 +211,16 @@ def _steps(rt: Runtime, data, ckpts: Checkpoints, preemption: Preemption, state,
         records.append(record)
         log.write(record)
 
+    previous = None
     for step in range(start, cfg.train.steps):
         profiler.before_step(step)
         state, metrics = rt.train_step(state, rt.place_batch(data.batch(step)))
         done = step + 1
         watch.add(done, metrics["nonfinite"])
+        # The host stays at most one step ahead: it waits for the previous step while this one
+        # runs. (A deeper queue gains nothing, and can deadlock XLA:CPU's in-process all-reduce.)
+        jax.block_until_ready(previous)
+        previous = metrics
         flush()  # the previous step's metrics, read while this step runs
         profiler.after_step(done, state)
         log.step(done)
