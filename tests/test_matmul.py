@@ -60,3 +60,13 @@ def test_used_on_cpu_only():
     assert dense_dot_general(on("cpu")) is cpu_dot_general
     assert dense_dot_general(on("tpu")) is None and dense_dot_general(on("gpu")) is None
     assert dense_dot_general() is cpu_dot_general  # these tests run on the CPU backend
+
+
+def test_compiler_options_drop_an_option_this_jaxlib_lacks(monkeypatch):
+    from lm import matmul
+
+    monkeypatch.setattr(matmul, "EIGEN_MATMULS", {"xla_cpu_no_such_option": ""})
+    matmul.cpu_compiler_options.cache_clear()
+    assert matmul.cpu_compiler_options() == {}
+    monkeypatch.undo()
+    matmul.cpu_compiler_options.cache_clear()
