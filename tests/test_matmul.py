@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from lm import matmul
 from lm.matmul import cpu_dot_general, dense_dot_general
 
 
@@ -63,8 +64,6 @@ def test_used_on_cpu_only():
 
 
 def test_compiler_options_drop_an_option_this_jaxlib_lacks(monkeypatch):
-    from lm import matmul
-
     monkeypatch.setattr(matmul, "EIGEN_MATMULS", {"xla_cpu_no_such_option": ""})
     matmul.cpu_compiler_options.cache_clear()
     assert matmul.cpu_compiler_options() == {}
