@@ -120,7 +120,8 @@ def _difference(recorded: Any, current: Any) -> str:
     return f"{recorded!r} there, {current!r} here"
 
 
-_STRAY_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array index")
+_STRAY_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array index",
+                      "in OCDBT database")  # tensorstore's read errors of the same broken checkpoint
 
 
 def _is_stray(text: str) -> bool:
