@@ -72,7 +72,8 @@ class GPT(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("n_layers", 4), ("d_model", 128), ("n_heads", 4), ("batch_size", 12),
-                          ("seq_len", 64), ("vocab_size", 259), ("steps", 50), ("warmup", 5), ("threads", 0)):
+                          ("seq_len", 64), ("vocab_size", 259), ("steps", 50), ("warmup", 5), ("threads", 0),
+                          ("grad_accum", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -95,10 +96,11 @@ def main() -> None:
     def step():
         starts = torch.from_numpy(rng.integers(0, len(data) - args.seq_len - 1, args.batch_size))
         windows = data[starts[:, None] + torch.arange(args.seq_len + 1)]
-        logits = forward(windows[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for micro in windows.chunk(args.grad_accum):  # the mean gradient over the whole batch
+            logits = forward(micro[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro[:, 1:].reshape(-1))
+            (loss / args.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -112,7 +114,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
     median = float(np.median(times))
     print(json.dumps({"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-                      "compile": args.compile, "tokens_per_sec": args.batch_size * args.seq_len / median,
+                      "compile": args.compile, "grad_accum": args.grad_accum, "tokens_per_sec": args.batch_size * args.seq_len / median,
                       "step_sec_median": median, "step_sec_p10": float(np.percentile(times, 10)),
                       "step_sec_p90": float(np.percentile(times, 90)), "steps": args.steps}))
 

@@ -6,7 +6,7 @@
 
 Each round runs `python -m lm.bench` (the config and overrides) and then
 `benchmarks/torch_reference.py` with the config's shape (layers, width, heads, batch,
-sequence, dropout, byte vocabulary), each in a fresh process, so both see the same machine
+sequence, dropout, gradient accumulation, byte vocabulary), each in a fresh process, so both see the same machine
 load over time. Prints every round and the median tokens/s of each side, and their ratio.
 """
 
@@ -31,7 +31,8 @@ def torch_args(cfg) -> list[str]:
         sys.exit("error: torch_reference.py models GPT-2-style configs only (layernorm, gelu, learned positions, "
                  "no biases, tied embeddings, multi-head attention).")
     return ["--n_layers", str(m.n_layers), "--d_model", str(m.d_model), "--n_heads", str(m.n_heads),
-            "--batch_size", str(t.batch_size), "--seq_len", str(t.seq_len), "--dropout", str(m.dropout)]
+            "--batch_size", str(t.batch_size), "--seq_len", str(t.seq_len), "--dropout", str(m.dropout),
+            "--grad_accum", str(t.grad_accum_steps)]
 
 
 def last_json(command: list[str]) -> dict:

@@ -9,33 +9,43 @@ lowered until it divides the batch. This must happen before JAX starts its CPU b
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 
 from lm.config import Config
 from lm.errors import LMError
+from lm.sharding import is_multi_process
 
 XLA_DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # "QUOTA PERIOD" or "max PERIOD" (cgroup v2)
+_split_by_lm: list[int] = []  # the count auto set in this process, if it did
 
 
-def usable_cores() -> int:
+def usable_cores(cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = open(cpu_max).read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 quota here
+        pass
+    return cores
 
 
 def auto_count(cfg: Config, cores: int) -> int | None:
     """Devices for parallel.cpu_devices=0, or None to leave JAX's default.
 
-    Only a single-process run whose mesh is left to fill (parallel.data=-1, fsdp=tensor=1,
-    or pmap) is split: any other layout names its own device count.
+    Only a single-process run whose layout is left to fill (parallel.data=-1, fsdp=tensor=1)
+    is split: any other layout names its own device count.
     """
     p, t = cfg.parallel, cfg.train
-    if p.num_processes > 1 or p.coordinator_address:
-        return None
-    if p.mode == "mesh" and (p.data, p.fsdp, p.tensor) != (-1, 1, 1):
+    if is_multi_process(p) or (p.data, p.fsdp, p.tensor) != (-1, 1, 1):
         return None
     rows = (t.batch_size // t.grad_accum_steps, cfg.eval.batch_size or t.batch_size)
     return max(n for n in range(1, cores + 1) if all(r % n == 0 for r in rows))
@@ -44,12 +54,14 @@ def auto_count(cfg: Config, cores: int) -> int | None:
 def split_cpu(cfg: Config) -> None:
     """Sets JAX's CPU device count from parallel.cpu_devices, before JAX starts.
 
-    Auto leaves alone a count already chosen (XLA_FLAGS' --xla_force_host_platform_device_count,
-    JAX_NUM_CPU_DEVICES, jax.config) and a JAX already running in this process.
+    Auto leaves alone a count chosen elsewhere (XLA_FLAGS' --xla_force_host_platform_device_count,
+    JAX_NUM_CPU_DEVICES, jax.config) and the devices of a JAX already running in this process;
+    those an earlier auto split made must divide this run's batches.
     """
     count = cfg.parallel.cpu_devices
     if count == 0:
-        if XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices != -1:
+        chosen_elsewhere = jax.config.jax_num_cpu_devices not in [-1, *_split_by_lm]
+        if XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or chosen_elsewhere:
             return
         count = auto_count(cfg, usable_cores())
         if count is None:
@@ -61,3 +73,10 @@ def split_cpu(cfg: Config) -> None:
         if cfg.parallel.cpu_devices and running != count:
             raise LMError(f"parallel.cpu_devices={count} comes too late: JAX already runs here with {running} CPU "
                           "device(s); set it in a fresh process (or leave it at 0).") from None
+        if _split_by_lm and auto_count(cfg, running) != running:
+            raise LMError(f"this process already split the CPU into {running} devices for an earlier run, and they do "
+                          f"not divide this run's batches (parallel.cpu_devices=0 would pick {count}); run it in a "
+                          "fresh process.") from None
+        return
+    if cfg.parallel.cpu_devices == 0:
+        _split_by_lm[:] = [count]

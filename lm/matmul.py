@@ -52,18 +52,23 @@ def _dense_bwd(n, residuals, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dense_dot_general(sharding: jax.sharding.Sharding | None = None):
+def dense_dot_general(sharding: jax.sharding.Sharding | None = None, remat: str = "none"):
     """The `dot_general` for Dense layers whose activations live on `sharding`'s devices
-    (default: JAX's default backend): `cpu_dot_general` on CPU, None (XLA's own) elsewhere."""
+    (default: JAX's default backend): `cpu_dot_general` on CPU, None (XLA's own) elsewhere.
+
+    Not under a `dots_*` remat policy: those save matmul outputs, and cannot see inside a custom VJP.
+    """
     platform = next(iter(sharding.device_set)).platform if sharding is not None else jax.default_backend()
-    return cpu_dot_general if platform == "cpu" else None
+    return cpu_dot_general if platform == "cpu" and "dots" not in remat else None
 
 
 def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
-    """Drop-in `dot_general` for Flax Dense/DenseGeneral; other contractions go to XLA unchanged."""
+    """Drop-in `dot_general` for Flax Dense/DenseGeneral; other contractions (or an explicit
+    precision or result type) go to XLA unchanged."""
     (x_axes, w_axes), batch = dimension_numbers
     n = len(x_axes)
-    if batch != ((), ()) or tuple(x_axes) != tuple(range(x.ndim - n, x.ndim)) or tuple(w_axes) != tuple(range(n)):
+    dense = batch == ((), ()) and tuple(x_axes) == tuple(range(x.ndim - n, x.ndim)) and tuple(w_axes) == tuple(range(n))
+    if not dense or precision is not None or preferred_element_type is not None:
         return lax.dot_general(x, w, dimension_numbers, precision, preferred_element_type)
     return _dense(x, w, n)
 

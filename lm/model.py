@@ -24,7 +24,7 @@ class Block(nn.Module):
         cfg = self.cfg
         x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        dot_general = dense_dot_general(self.activation_sharding)
+        dot_general = dense_dot_general(self.activation_sharding, cfg.remat)
         h = Attention(cfg, self.decode, dot_general, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD), positions_BxT,
                                                                   mask_Bx1xTxT)
         x_BxTxD = x_BxTxD + drop(h)

@@ -23,15 +23,18 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
+def is_multi_process(cfg: ParallelConfig) -> bool:
+    """Whether this run joins several processes: set in parallel.*, or detected under SLURM / on a TPU pod."""
+    detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return bool(cfg.coordinator_address or cfg.num_processes > 1 or detected)
+
+
 def maybe_initialize_distributed(cfg: ParallelConfig) -> None:
     """Joins a multi-process run once: explicit parallel.* settings, or detected under SLURM / on TPU pods.
 
     parallel.num_processes > 1 alone is enough where JAX can detect the rest (Cloud TPU VMs, SLURM).
     """
-    if jax.distributed.is_initialized():
-        return
-    detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if not (cfg.coordinator_address or cfg.num_processes > 1 or detected):
+    if jax.distributed.is_initialized() or not is_multi_process(cfg):
         return
     local_devices = None  # JAX's SLURM detection gives each process one GPU: that of SLURM_LOCALID
     if os.environ.get("SLURM_NTASKS_PER_NODE") == "1" and os.environ.get("SLURM_GPUS_ON_NODE"):

@@ -29,10 +29,23 @@ def tiny(*overrides):
     (("parallel.mode=pmap",), 4, 4),
     (("parallel.fsdp=2",), 8, None),  # a layout the user chose names its own device count
     (("parallel.data=2",), 8, None),
+    (("parallel.mode=pmap", "parallel.data=1"), 8, None),
     (("parallel.num_processes=2",), 8, None),
 ])
 def test_auto_count(overrides, cores, expected):
     assert auto_count(tiny(*overrides), cores) == expected
+
+
+def test_detected_multi_process_runs_are_not_split(monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert auto_count(tiny(), 8) is None
+
+
+@pytest.mark.parametrize("cpu_max, expected", [("max 100000", None), ("100000 100000", 1), ("150000 100000", 2)])
+def test_container_cpu_quota_caps_the_cores(tmp_path, cpu_max, expected):
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    affinity = usable_cores(str(tmp_path / "absent"))
+    assert usable_cores(str(tmp_path / "cpu.max")) == (affinity if expected is None else min(expected, affinity))
 
 
 def devices_in_fresh_process(*overrides, env=None):
@@ -50,6 +63,31 @@ def test_split_applies_before_jax_starts_and_respects_xla_flags():
     assert devices_in_fresh_process() == auto_count(tiny(), usable_cores())
     assert devices_in_fresh_process("parallel.cpu_devices=3") == 3
     assert devices_in_fresh_process(env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) == 4
+
+
+def test_an_earlier_auto_split_must_divide_the_next_runs_batches():
+    code = """
+import sys, jax
+from lm import cpu_devices
+from lm.config import load_config
+from lm.errors import LMError
+cpu_devices.usable_cores = lambda: 4
+config = lambda batch: load_config(sys.argv[1], [f"train.batch_size={batch}"])
+cpu_devices.split_cpu(config(8))
+assert jax.device_count() == 4
+cpu_devices.split_cpu(config(12))  # 4 devices divide 12: kept
+try:
+    cpu_devices.split_cpu(config(9))
+except LMError as e:
+    print(e)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / "tiny.yaml")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("this process already split the CPU into 4 devices for an earlier run, and they "
+                                   "do not divide this run's batches (parallel.cpu_devices=0 would pick 3); run it "
+                                   "in a fresh process.")
 
 
 def test_explicit_count_after_jax_started_is_a_clear_error():

@@ -61,6 +61,7 @@ def test_used_on_cpu_only():
     assert dense_dot_general(on("cpu")) is cpu_dot_general
     assert dense_dot_general(on("tpu")) is None and dense_dot_general(on("gpu")) is None
     assert dense_dot_general() is cpu_dot_general  # these tests run on the CPU backend
+    assert dense_dot_general(on("cpu"), "dots_saveable") is None  # remat policies that save matmul outputs
 
 
 def test_compiler_options_drop_an_option_this_jaxlib_lacks(monkeypatch):
