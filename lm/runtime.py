@@ -18,8 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm import sharding
 from lm.config import Config, ModelConfig
-from lm.matmul import cpu_compiler_options
 from lm.errors import LMError
+from lm.matmul import cpu_compiler_options
 from lm.model import Transformer
 from lm.optim import make_optimizer
 from lm.step import TrainState, eval_step, init_state, train_step

@@ -20,6 +20,7 @@ import numpy as np
 from lm import config as config_lib
 from lm.checkpoint import Checkpoints
 from lm.config import Config
+from lm.cpu_devices import split_cpu
 from lm.data import make_data, run_tokenizer
 from lm.errors import LMError
 from lm.fileio import write_atomic
@@ -28,7 +29,6 @@ from lm.nonfinite import NonfiniteWatch
 from lm.observe import Profiler, Progress, TensorBoard, sample_text
 from lm.preemption import Preemption
 from lm.runtime import Runtime, build
-from lm.cpu_devices import split_cpu
 from lm.sharding import maybe_initialize_distributed
 from lm.tokenizer import save_tokenizer
 
