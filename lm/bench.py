@@ -107,6 +107,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
     return {
         "platform": devices[0].platform, "device_kind": devices[0].device_kind, "n_devices": len(devices),
         "dtype": cfg.model.dtype, "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+        "passes": rt.train_passes,
         "tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / len(devices),
         "step_sec_median": median, "step_sec_p10": float(np.percentile(times, 10)),
         "step_sec_p90": float(np.percentile(times, 90)), "steps": len(times), "warmup": warmup,
@@ -125,7 +126,7 @@ def format_table(result: dict) -> str:
 
     rows = [
         ("device", f"{result['n_devices']} x {result['device_kind']} ({result['platform']}), {result['dtype']}"),
-        ("batch", f"{result['batch_size']} x {result['seq_len']} tokens"),
+        ("batch", f"{result['batch_size']} x {result['seq_len']} tokens in {result['passes']} pass(es)"),
         ("tokens/s", f"{result['tokens_per_sec']:,.0f} ({result['tokens_per_sec_per_device']:,.0f} per device)"),
         ("step time", f"median {result['step_sec_median'] * 1e3:.1f} ms, p10 {result['step_sec_p10'] * 1e3:.1f}, "
                       f"p90 {result['step_sec_p90'] * 1e3:.1f} ({result['steps']} steps after {result['warmup']})"),

@@ -145,6 +145,7 @@ class ParallelConfig:
     fsdp: int = 1
     tensor: int = 1
     cpu_devices: int = 0  # JAX devices a CPU host is split into; 0: one per core (lm.cpu_devices)
+    cpu_chunk_tokens: int = 1024  # CPU: tokens per device in one pass of a step (lm.cpu_chunks); 0: one pass
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
@@ -333,7 +334,7 @@ def validate(c: Config) -> None:
     for key in ("model.vocab_size", "model.n_kv_heads", "model.d_ff", "optim.warmup_steps",
                 "optim.decay_steps", "eval.every", "eval.batches", "eval.batch_size",
                 "optim.weight_decay", "optim.grad_clip", "optim.lr", "data.workers", "log.sample_tokens",
-                "profile.start_step", "profile.steps"):
+                "profile.start_step", "profile.steps", "parallel.cpu_chunk_tokens"):
         _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
     m, t = c.model, c.train
     _require(m.d_model % m.n_heads == 0,

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm import sharding
 from lm.config import Config, ModelConfig
+from lm.cpu_chunks import step_passes
 from lm.errors import LMError
 from lm.matmul import cpu_compiler_options
 from lm.model import Transformer
@@ -51,6 +52,8 @@ class Runtime:
     init: Any
     train_step: Any
     eval_step: Any
+    train_passes: int = 1  # micro-batches per update: train.grad_accum_steps times CPU chunks
+    eval_passes: int = 1
 
     @property
     def restore_target(self) -> TrainState:
@@ -62,7 +65,15 @@ class Runtime:
         axes = " ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
         n_params = sum(leaf.size for leaf in jax.tree.leaves(self.abstract_state.params))
         return (f"{self.mesh.size} x {device.device_kind} ({device.platform}) | {self.cfg.parallel.mode} {axes} | "
-                f"{n_params / 1e6:.2f}M parameters")
+                f"{n_params / 1e6:.2f}M parameters{self.describe_passes()}")
+
+    def describe_passes(self) -> str:
+        """' | 8 passes of 4 x 256 tokens per device' when an update takes several passes, else ''."""
+        if self.train_passes == 1:
+            return ""
+        t = self.cfg.train
+        rows = t.batch_size // self.train_passes // sharding.batch_ways(self.mesh)
+        return f" | {self.train_passes} passes of {rows} x {t.seq_len} tokens per device"
 
     def host_rows(self, batch_size: int) -> np.ndarray:
         """The rows of a global batch of `batch_size` that this process loads."""
@@ -89,6 +100,7 @@ def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
     mesh = sharding.make_mesh(cfg.parallel, devices)
     sharding.check_layout(cfg, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
+    train_passes, eval_passes = step_passes(cfg, mesh.devices.flat[0].platform, sharding.batch_ways(mesh))
     model = Transformer(cfg.model, activation_sharding=batch_sharding)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     rules = sharding.logical_rules(cfg.model, mesh)
@@ -98,11 +110,10 @@ def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
     options = cpu_compiler_options() if mesh.devices.flat[0].platform == "cpu" else None
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
-                          grad_accum_steps=cfg.train.grad_accum_steps,
-                          skip_nonfinite=cfg.train.skip_nonfinite),
+                          grad_accum_steps=train_passes, skip_nonfinite=cfg.train.skip_nonfinite),
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0,
         compiler_options=options)
-    evaluate = jax.jit(functools.partial(eval_step, model=model),
+    evaluate = jax.jit(functools.partial(eval_step, model=model, passes=eval_passes),
                        in_shardings=(state_sharding.params, batch_sharding), compiler_options=options)
     return Runtime(cfg, model, mesh, tx, schedule, abstract_state, state_sharding, batch_sharding,
-                   init, step, evaluate)
+                   init, step, evaluate, train_passes, eval_passes)

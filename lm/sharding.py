@@ -86,23 +86,28 @@ def logical_rules(cfg: ModelConfig, mesh: Mesh) -> tuple[tuple[str, object], ...
     )
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways the batch is split: over the data and fsdp axes (pmap's mesh has only data)."""
+    return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
 def check_layout(cfg: Config, mesh: Mesh) -> None:
     """Rejects a config the mesh cannot lay out, before anything is compiled."""
     m, t = cfg.model, cfg.train
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = batch_ways(mesh)
     micro = t.batch_size // t.grad_accum_steps
     checks = (
-        (micro % batch_ways == 0, f"train.batch_size/train.grad_accum_steps = {micro} is not divisible by "
-                                  f"parallel.data*parallel.fsdp = {batch_ways}; change the batch or the mesh."),
+        (micro % ways == 0, f"train.batch_size/train.grad_accum_steps = {micro} is not divisible by "
+                            f"parallel.data*parallel.fsdp = {ways}; change the batch or the mesh."),
         (m.n_heads % mesh.shape["tensor"] == 0, f"model.n_heads={m.n_heads} is not divisible by "
                                                 f"parallel.tensor={mesh.shape['tensor']}; change one of them."),
         (m.ff_dim % mesh.shape["tensor"] == 0, f"model.d_ff={m.ff_dim} is not divisible by "
                                                f"parallel.tensor={mesh.shape['tensor']}; change one of them."),
         (m.d_model % mesh.shape["fsdp"] == 0, f"model.d_model={m.d_model} is not divisible by "
                                               f"parallel.fsdp={mesh.shape['fsdp']}; change one of them."),
-        ((cfg.eval.batch_size or t.batch_size) % batch_ways == 0,
+        ((cfg.eval.batch_size or t.batch_size) % ways == 0,
          f"eval.batch_size={cfg.eval.batch_size or t.batch_size} is not divisible by "
-         f"parallel.data*parallel.fsdp = {batch_ways}; change eval.batch_size or the mesh."),
+         f"parallel.data*parallel.fsdp = {ways}; change eval.batch_size or the mesh."),
         (t.batch_size % jax.process_count() == 0, f"train.batch_size={t.batch_size} is not divisible by the "
                                                   f"{jax.process_count()} processes; change train.batch_size."),
     )

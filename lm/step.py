@@ -101,7 +101,13 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, model: nn.Module) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted target losses, sum of weights) for one batch, without dropout."""
-    weights_BxT = _weights(batch)
-    return (token_losses(params, model, batch) * weights_BxT).sum(), weights_BxT.sum()
+def eval_step(params, batch: Batch, *, model: nn.Module, passes: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted target losses, sum of weights) for one batch, without dropout, in `passes` chunks."""
+    def sums(micro: Batch) -> tuple[jax.Array, jax.Array]:
+        weights_BxT = _weights(micro)
+        return (token_losses(params, model, micro) * weights_BxT).sum(), weights_BxT.sum()
+
+    if passes == 1:
+        return sums(batch)
+    per_pass = jax.lax.map(sums, _split_micro(batch, passes))
+    return jax.tree.map(jnp.sum, per_pass)

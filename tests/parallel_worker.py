@@ -110,9 +110,11 @@ def case_eight_devices(args: dict) -> dict:
     out = {}
     for name, ov in (("data8", ()), ("fsdp4_tensor2", ("parallel.fsdp=4", "parallel.tensor=2")),
                      ("pmap", ("parallel.mode=pmap",)),
-                     ("accum4", ("train.grad_accum_steps=4", "parallel.data=2", "parallel.tensor=4"))):
+                     ("accum4", ("train.grad_accum_steps=4", "parallel.data=2", "parallel.tensor=4")),
+                     ("chunked", ("parallel.cpu_chunk_tokens=32", "parallel.data=2", "parallel.tensor=4"))):
         rt, state, losses = runtime_losses(tiny(args, *ov))
-        out[name] = {"losses": losses, "layout": layout_of(state), "mesh": dict(rt.mesh.shape)}
+        out[name] = {"losses": losses, "layout": layout_of(state), "mesh": dict(rt.mesh.shape),
+                     "passes": rt.train_passes}
     out["errors"] = {name: error_of(tiny(args, *ov)) for name, ov in (
         ("batch", ("train.batch_size=12",)), ("heads", ("parallel.tensor=8", "parallel.data=1")),
         ("mesh", ("parallel.data=16",)), ("pmap_fsdp", ("parallel.mode=pmap", "parallel.fsdp=2")),

@@ -95,4 +95,5 @@ def test_bench_json_prints_every_field_and_an_honest_mfu(shakespeare, capsys):
     assert 0 < result["mfu"] <= 1
     assert result["step_sec_p10"] <= result["step_sec_median"] <= result["step_sec_p90"]
     assert result["flops_per_token"] == 713_856 and result["steps"] == 3  # the hand count of test_metrics
+    assert result["passes"] == 1  # tiny's 8 x 32 tokens fit one CPU pass
     assert result["memory_source"].startswith("process peak RSS") and result["data"] == str(shakespeare)

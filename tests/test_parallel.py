@@ -89,8 +89,9 @@ def resumed(eight, text_file, run_dir):
 def test_losses_agree_on_every_layout(eight, one):
     baseline = one["baseline"][:4]
     assert baseline[-1] < baseline[0] - 0.1  # it trains
-    for name in ("data8", "fsdp4_tensor2", "pmap", "accum4"):
+    for name in ("data8", "fsdp4_tensor2", "pmap", "accum4", "chunked"):
         assert max_diff(eight[name]["losses"], baseline) < F32_BOUND, name
+    assert (eight["data8"]["passes"], eight["accum4"]["passes"], eight["chunked"]["passes"]) == (1, 4, 4)
     assert eight["data8"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
     assert eight["fsdp4_tensor2"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
     assert eight["accum4"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
