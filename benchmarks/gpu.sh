@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of the README ("GPU figures"), in one run: lm.bench on each config given
-# (default: gpt2_124m and llama_1b, bf16 with cuDNN attention as configured), plus gpt2_124m
-# with XLA's attention for comparison. Needs only jax, flax, optax and orbax (no TFDS, grain
-# or corpus: without data.text_file the benchmark times random tokens, said so in its output).
+# The GPU figures of the README's Results table, in one run: cuDNN's attention against XLA's at the
+# configs' shapes (benchmarks/attention_check.py: bf16 error and speed), then lm.bench on each
+# config given (default: gpt2_124m and llama_1b, bf16 with cuDNN attention as configured), plus
+# the first with XLA's attention for comparison. Needs only jax, flax, optax and orbax (no TFDS,
+# grain or corpus: without data.text_file the benchmark times random tokens, said so in its output).
 #   bash benchmarks/gpu.sh [CONFIG ...]
 # Prints each table and appends one JSON line per run to ${OUT:-.}/gpu_bench.jsonl.
 set -euo pipefail
@@ -17,7 +18,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 
 run() {  # CONFIG [key=value ...]
   local json
-  json=$(python -m lm.bench --config "$@" --steps 10 --warmup 2 --max_seconds 90 --json | tail -n 1)
+  if ! json=$(python -m lm.bench --config "$@" --steps 10 --warmup 2 --max_seconds 90 --json | tail -n 1); then
+    echo "== FAILED: $*"  # keep going: the other runs still use the device time
+    return 0
+  fi
   echo "$json" >> "$results"
   python - "$json" "$@" <<'EOF'
 import json, sys
@@ -27,6 +31,7 @@ print(format_table(json.loads(sys.argv[1])))
 EOF
 }
 
+python benchmarks/attention_check.py "${configs[@]}" | tee -a "$results" || echo "== FAILED: attention_check"
 for config in "${configs[@]}"; do
   run "$config"
 done

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import sharding
 from lm.config import Config
-from lm.cpu_chunks import step_passes
+from lm.cpu_chunks import chunk_tokens, train_passes
 from lm.errors import LMError
 from lm.model import Transformer
 from lm.optim import make_optimizer
@@ -73,7 +73,8 @@ def build_pmap(cfg: Config, tokenizer, devices=None) -> PmapRuntime:
     devices = list(devices if devices is not None else jax.devices())
     check_pmap_layout(cfg, len(devices))
     mesh = Mesh(np.array(devices), (AXIS,))
-    train_passes, eval_passes = step_passes(cfg, devices[0].platform, len(devices))
+    passes = train_passes(cfg, devices[0].platform, len(devices))
+    pass_tokens = chunk_tokens(cfg, devices[0].platform)
     model = Transformer(cfg.model)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     replicated = NamedSharding(mesh, P())
@@ -84,14 +85,14 @@ def build_pmap(cfg: Config, tokenizer, devices=None) -> PmapRuntime:
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
     pmapped_step = jax.pmap(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
-                          grad_accum_steps=train_passes, reduce=psum),
+                          grad_accum_steps=passes, reduce=psum),
         axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None), devices=devices, donate_argnums=0)
 
     def step(state, batch):
         state, metrics = pmapped_step(state, batch)
         return (_as_global(state, state_sharding) if jax.process_count() > 1 else state), metrics
 
-    evaluate = jax.pmap(lambda params, batch: psum(eval_step(params, batch, model=model, passes=eval_passes)),
+    evaluate = jax.pmap(lambda params, batch: psum(eval_step(params, batch, model=model, pass_tokens=pass_tokens)),
                         axis_name=AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
     return PmapRuntime(cfg, model, mesh, tx, schedule, abstract_state, state_sharding,
-                       NamedSharding(mesh, P(AXIS)), init, step, evaluate, train_passes, eval_passes)
+                       NamedSharding(mesh, P(AXIS)), init, step, evaluate, passes)

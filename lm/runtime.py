@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm import sharding
 from lm.config import Config, ModelConfig
-from lm.cpu_chunks import step_passes
+from lm.cpu_chunks import chunk_tokens, train_passes
 from lm.errors import LMError
 from lm.matmul import cpu_compiler_options
 from lm.model import Transformer
@@ -52,8 +52,7 @@ class Runtime:
     init: Any
     train_step: Any
     eval_step: Any
-    train_passes: int = 1  # micro-batches per update: train.grad_accum_steps times CPU chunks
-    eval_passes: int = 1
+    train_passes: int  # micro-batches per update: train.grad_accum_steps, each chunked on CPU
 
     @property
     def restore_target(self) -> TrainState:
@@ -100,20 +99,22 @@ def build(cfg: Config, tokenizer: ByteTokenizer, devices=None) -> Runtime:
     mesh = sharding.make_mesh(cfg.parallel, devices)
     sharding.check_layout(cfg, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    train_passes, eval_passes = step_passes(cfg, mesh.devices.flat[0].platform, sharding.batch_ways(mesh))
+    platform, ways = mesh.devices.flat[0].platform, sharding.batch_ways(mesh)
+    passes = train_passes(cfg, platform, ways)
     model = Transformer(cfg.model, activation_sharding=batch_sharding)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     rules = sharding.logical_rules(cfg.model, mesh)
     abstract_state, state_sharding = sharding.state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
 
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
-    options = cpu_compiler_options() if mesh.devices.flat[0].platform == "cpu" else None
+    options = cpu_compiler_options() if platform == "cpu" else None
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
-                          grad_accum_steps=train_passes, skip_nonfinite=cfg.train.skip_nonfinite),
+                          grad_accum_steps=passes, skip_nonfinite=cfg.train.skip_nonfinite),
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0,
         compiler_options=options)
-    evaluate = jax.jit(functools.partial(eval_step, model=model, passes=eval_passes),
+    evaluate = jax.jit(functools.partial(eval_step, model=model, pass_tokens=chunk_tokens(cfg, platform),
+                                         batch_ways=ways),
                        in_shardings=(state_sharding.params, batch_sharding), compiler_options=options)
     return Runtime(cfg, model, mesh, tx, schedule, abstract_state, state_sharding, batch_sharding,
-                   init, step, evaluate, train_passes, eval_passes)
+                   init, step, evaluate, passes)

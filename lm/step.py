@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lm.cpu_chunks import pass_count
+
 Batch = dict[str, jax.Array]
 
 
@@ -101,12 +103,19 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, model: nn.Module, passes: int = 1) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted target losses, sum of weights) for one batch, without dropout, in `passes` chunks."""
+def eval_step(params, batch: Batch, *, model: nn.Module, pass_tokens: int = 0,
+              batch_ways: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted target losses, sum of weights) for one batch, without dropout.
+
+    With `pass_tokens` > 0, each of the batch's `batch_ways` device shards is walked in
+    passes of at most that many tokens (`lm.cpu_chunks.pass_count`).
+    """
     def sums(micro: Batch) -> tuple[jax.Array, jax.Array]:
         weights_BxT = _weights(micro)
         return (token_losses(params, model, micro) * weights_BxT).sum(), weights_BxT.sum()
 
+    rows, seq_len = batch["targets"].shape
+    passes = pass_count(rows // batch_ways, seq_len, pass_tokens)
     if passes == 1:
         return sums(batch)
     per_pass = jax.lax.map(sums, _split_micro(batch, passes))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ from lm.errors import LMError
 from lm.layers import attention_impl
 from lm.model import Transformer
 from lm.step import init_params
+from tests.conftest import ROOT
 
 
 def test_auto_choice():
@@ -49,3 +53,23 @@ def test_available_kernels_agree(dtype, tol):
     for kernel in kernels[1:]:
         for ours, reference in zip(outputs[kernel], outputs["xla"]):
             np.testing.assert_allclose(ours, reference, atol=tol, rtol=0)
+
+
+def attention_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/attention_check.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_attention_check_reports_the_bf16_error_against_float32():
+    done = attention_check("--implementation", "xla", "--batch", "1", "configs/tiny.yaml")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [1, 32, 4, 4, 16]  # tiny: batch, seq_len, heads, kv heads, head width
+    xla = result["xla"]
+    assert 0 < xla["max_abs_err_out"] < 0.05 and 0 < xla["max_abs_err_grad"] < 0.05  # bf16, not exact
+    assert xla["fwd_bwd_ms"] > 0
+
+
+def test_attention_check_asks_for_a_gpu_for_cudnn():
+    done = attention_check("configs/tiny.yaml")
+    assert done.returncode != 0 and "needs an NVIDIA GPU" in done.stderr
