@@ -126,7 +126,8 @@ def format_table(result: dict) -> str:
 
     rows = [
         ("device", f"{result['n_devices']} x {result['device_kind']} ({result['platform']}), {result['dtype']}"),
-        ("batch", f"{result['batch_size']} x {result['seq_len']} tokens in {result['passes']} {'pass' if result['passes'] == 1 else 'passes'}"),
+        ("batch", f"{result['batch_size']} x {result['seq_len']} tokens in {result['passes']} "
+                  f"{'pass' if result['passes'] == 1 else 'passes'}"),
         ("tokens/s", f"{result['tokens_per_sec']:,.0f} ({result['tokens_per_sec_per_device']:,.0f} per device)"),
         ("step time", f"median {result['step_sec_median'] * 1e3:.1f} ms, p10 {result['step_sec_p10'] * 1e3:.1f}, "
                       f"p90 {result['step_sec_p90'] * 1e3:.1f} ({result['steps']} steps after {result['warmup']})"),
