@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import re
 import sys
+import warnings
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -122,6 +124,7 @@ def _difference(recorded: Any, current: Any) -> str:
 
 _STRAY_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array index",
                       "in OCDBT database")  # tensorstore's read errors of the same broken checkpoint
+_STRAY_READ_COROUTINE = "coroutine '_read_array_index_and_device_put' was never awaited"  # Orbax's, at exit
 
 
 def _is_stray(text: str) -> bool:
@@ -131,7 +134,8 @@ def _is_stray(text: str) -> bool:
 def _silence_stray_read_errors() -> None:
     """When a restore fails, its other reads still in flight fail too, on Orbax's (soon closed)
     event loop, and print tracebacks as "unraisable" exceptions or asyncio "never retrieved"
-    log records; drop those (only those) so the one-line error stays alone. Installed once."""
+    log records, or a read never started warns at exit; drop those (only those) so the
+    one-line error stays alone. Installed once."""
     previous = sys.unraisablehook
     if getattr(previous, "lm_filter", False):
         return
@@ -145,4 +149,5 @@ def _silence_stray_read_errors() -> None:
 
     hook.lm_filter = True
     sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message=re.escape(_STRAY_READ_COROUTINE), category=RuntimeWarning)
     logging.getLogger("asyncio").addFilter(keep)
