@@ -1,6 +1,8 @@
-"""Evaluate a run: python eval.py --run_dir RUN [--step N] [--text_file F] [--stride S] [--json]"""
+"""Evaluate a run: python eval.py --run_dir RUN [--step N] [--text_file F] [--stride S] [--json] (`lm eval`)."""
 
-from lm.cli import eval_main
+import sys
+
+from lm.cli import main
 
 if __name__ == "__main__":
-    eval_main()
+    main(["eval", *sys.argv[1:]])

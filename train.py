@@ -1,6 +1,8 @@
-"""Train a Transformer LM: python train.py --config configs/tiny.yaml [key=value ...]"""
+"""Train a Transformer LM: python train.py --config configs/tiny.yaml [key=value ...] (the same as `lm train`)."""
 
-from lm.cli import train_main
+import sys
+
+from lm.cli import main
 
 if __name__ == "__main__":
-    train_main()
+    main(["train", *sys.argv[1:]])

@@ -25,7 +25,7 @@ run() {  # CONFIG [key=value ...]
   echo "$json" >> "$results"
   python - "$json" "$@" <<'EOF'
 import json, sys
-from lm.bench import format_table
+from lm.tools.bench import format_table
 print("==", " ".join(sys.argv[2:]))
 print(format_table(json.loads(sys.argv[1])))
 EOF

@@ -8,7 +8,7 @@ optimizer (AdamW with warmup + cosine, global-norm clipping at 1.0), same batch
 
     pip install torch==2.13.0   # CPU wheel
     python benchmarks/torch_reference.py --steps 50 --warmup 5
-    python -m lm.bench --config configs/shakespeare_cpu.yaml data.text_file=../shared/data/tinyshakespeare.txt --steps 50 --warmup 5
+    python -m lm.bench --config configs/shakespeare_cpu.yaml --steps 50 --warmup 5
 
 Options set the shape (--n_layers, --d_model, --batch_size, --seq_len, ...); --compile
 uses torch.compile.

@@ -1,8 +1,7 @@
 """lm against the same model in PyTorch on this machine: tokens/s of each, rounds interleaved.
 
     pip install torch==2.13.0   # CPU wheel
-    python benchmarks/vs_torch.py --config configs/shakespeare_cpu.yaml --rounds 3 --steps 60 --warmup 10 \
-        data.text_file=../shared/data/tinyshakespeare.txt
+    python benchmarks/vs_torch.py --config configs/shakespeare_cpu.yaml --rounds 3 --steps 60 --warmup 10
 
 Each round runs `python -m lm.bench` (the config and overrides) and then
 `benchmarks/torch_reference.py` with the config's shape (layers, width, heads, batch,

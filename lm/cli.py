@@ -1,21 +1,39 @@
-"""Command lines of train.py and eval.py (also installed as `lm-train` and `lm-eval`)."""
+"""The `lm` command line: every subcommand's flags, one error wrapper, and what each prints.
+
+    lm train --config C [key=value ...]          lm eval --run_dir RUN [--json]
+    lm generate --run_dir RUN --prompt TEXT      lm hf import|export ...
+    lm bench --config C                          lm aot --config C --topology v5e:2x4
+    lm plot RUN ... -o curves.png                lm data prepare|bench|list ...
+    lm info
+
+train.py, eval.py and `python -m lm.X` are the same commands. Flags are parsed only here;
+the library functions they call take plain arguments. A mistake in the user's input (an
+LMError) ends as one line `error: ...` on stderr and exit code 2; `--debug` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Callable
 
 
-def _run(main, debug: bool) -> None:
-    """Runs `main`, turning user errors into one line on stderr and exit code 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Runs `lm SUBCOMMAND ...` (argv defaults to sys.argv[1:])."""
+    args = parser().parse_args(argv)
+    run(lambda: args.command(args), args.debug)
+
+
+def run(command: Callable[[], None], debug: bool = False) -> None:
+    """Runs `command`, turning user errors into one line on stderr and exit code 2."""
     from absl import logging as absl_logging
 
     from lm.errors import LMError
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's informational chatter
     try:
-        main()
+        command()
     except LMError as e:
         if debug:
             raise
@@ -23,44 +41,209 @@ def _run(main, debug: bool) -> None:
         sys.exit(2)
 
 
-def train_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train (or resume) a Transformer LM.",
-                                     epilog="Example: python train.py --config configs/tiny.yaml train.steps=50")
-    parser.add_argument("--config", help="YAML experiment file, e.g. configs/shakespeare_cpu.yaml")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.d_model=256")
-    args = parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    top = argparse.ArgumentParser(prog="lm", description="Pretrain, evaluate and sample decoder-only LMs.")
+    top.set_defaults(debug=False)
+    sub = top.add_subparsers(dest="name", required=True, metavar="COMMAND")
 
-    def main():
-        from lm.config import load_config
+    def command(name: str, handler: Callable, help: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help, **kwargs)
+        if handler:
+            p.set_defaults(command=handler)
+        return p
 
-        cfg = load_config(args.config, args.overrides)  # config mistakes surface before JAX is imported
-        from lm.trainer import train
+    def config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--config", required=required, help="YAML experiment file, e.g. configs/shakespeare_cpu.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.d_model=256")
 
-        train(cfg)
+    p = command("train", _train, "Train (or resume) a Transformer LM.",
+                epilog="Example: python train.py --config configs/tiny.yaml train.steps=50")
+    config_args(p, required=False)
 
-    _run(main, args.debug)
+    p = command("eval", _eval, "Perplexity and bits-per-byte of a trained run.")
+    p.add_argument("--run_dir", required=True, help="directory train.py wrote")
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--text_file", help="score this UTF-8 file instead of the validation split")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: seq_len, no overlap)")
+    p.add_argument("--split", help="data.source=tfds: the split to score (default: data.eval_split)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("generate", _generate, "Generate text from a run.")
+    p.add_argument("--run_dir", required=True, help="directory train.py (or lm hf import) wrote")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="sample within this probability mass (1: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--bench", action="store_true", help="print tokens/s with and without the KV cache")
+
+    hf = command("hf", None, "Hugging Face import and export.")
+    hf_sub = hf.add_subparsers(dest="hf_command", required=True, metavar="import|export")
+    p = hf_sub.add_parser("import", parents=[common], help="HF model directory -> run directory")
+    p.set_defaults(command=_hf_import)
+    p.add_argument("hf_dir")
+    p.add_argument("run_dir")
+    p.add_argument("--tokenizer", help="tokenizer.json / .model to use when HF_DIR has none, or 'byte'")
+    p.add_argument("overrides", nargs="*", help="config overrides for the run, e.g. train.seq_len=256")
+    p = hf_sub.add_parser("export", parents=[common], help="run directory -> HF model directory")
+    p.set_defaults(command=_hf_export)
+    p.add_argument("run_dir")
+    p.add_argument("hf_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+
+    p = command("bench", _bench, "Time the train step of a config.",
+                epilog="Example: lm bench --config configs/shakespeare_cpu.yaml --json")
+    config_args(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
+    p.add_argument("--max_seconds", type=float, default=120.0,
+                   help="stop timing after this many seconds of steps, once 3 are timed (default 120)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("aot", _aot, "Compile the train step for a TPU topology on this machine and report HBM per "
+                "chip, FLOPs, the compiler's step-time estimate and the MFU it implies.",
+                epilog="Example: lm aot --config configs/llama_1b.yaml --topology v5e:2x4")
+    config_args(p)
+    p.add_argument("--topology", required=True, help="e.g. v5e:2x4 (v5e-8), v6e:2x4, v4:2x2x1 (v4-8), v5p:2x2x1")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("plot", _plot, "Plot loss curves and tokens/s of training runs.",
+                epilog="Example: lm plot runs/a runs/b -o curves.png")
+    p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+    p.add_argument("-o", "--output", default="curves.png", help="image to write (default curves.png)")
+
+    data = command("data", None, "Corpora: list the packaged ones, build a config's, time its pipeline.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="list|prepare|bench")
+    p = data_sub.add_parser("list", parents=[common], help="the corpora packaged with lm (data.text_file=builtin:NAME)")
+    p.set_defaults(command=_data_list)
+    p = data_sub.add_parser("prepare", parents=[common], help="build the config's corpus as a TFDS dataset")
+    p.set_defaults(command=_data_prepare)
+    config_args(p)
+    p = data_sub.add_parser("bench", parents=[common], help="the input pipeline's tokens/s next to the train step's")
+    p.set_defaults(command=_data_bench)
+    config_args(p)
+    p.add_argument("--batches", type=int, default=50, help="batches to time (default 50)")
+
+    p = command("info", _info, "Versions, backend and devices, and known version mismatches.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return top
 
 
-def eval_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Perplexity and bits-per-byte of a trained run.")
-    parser.add_argument("--run_dir", required=True, help="directory train.py wrote")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    parser.add_argument("--text_file", help="score this UTF-8 file instead of the validation split")
-    parser.add_argument("--stride", type=int, help="sliding-window stride (default: seq_len, no overlap)")
-    parser.add_argument("--split", help="data.source=tfds: the split to score (default: data.eval_split)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    args = parser.parse_args(argv)
+def _config(args):
+    from lm.config import load_config
 
-    def main():
-        from lm.evaluate import evaluate
+    return load_config(args.config, args.overrides)  # config mistakes surface before JAX is imported
 
-        result = evaluate(args.run_dir, args.step, args.text_file, args.stride, args.split)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            print(f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-                  f"bits/byte {result['bits_per_byte']:.4f} | {result['tokens']:,} tokens")
 
-    _run(main, args.debug)
+def _train(args) -> None:
+    cfg = _config(args)
+    from lm.training.loop import train
+
+    train(cfg)
+
+
+def _eval(args) -> None:
+    from lm.tools.evaluate import evaluate
+
+    result = evaluate(args.run_dir, args.step, args.text_file, args.stride, args.split)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+              f"bits/byte {result['bits_per_byte']:.4f} | {result['tokens']:,} tokens")
+
+
+def _generate(args) -> None:
+    from lm.model.decode import Sampling
+    from lm.tools.generate import benchmark, continue_text
+    from lm.training.restore import restore_run
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling.check()
+    run = restore_run(args.run_dir, args.step, batch_size=1)
+    if args.bench:
+        import jax
+
+        rates = benchmark(run.params, run.cfg.model, run.tokenizer.encode(args.prompt), args.max_new_tokens)
+        print(f"{args.max_new_tokens} new tokens on {jax.devices()[0].platform}: "
+              f"{rates['with_cache']:,.1f} tok/s with KV cache | {rates['without_cache']:,.1f} tok/s without "
+              f"({rates['with_cache'] / rates['without_cache']:.1f}x)")
+        return
+    text, cut = continue_text(run, args.prompt, args.max_new_tokens, sampling, args.seed)
+    if cut:
+        print(f"note: prompt cut to fit the {run.cfg.model.max_seq_len}-token context with "
+              f"{args.max_new_tokens} new tokens", file=sys.stderr)
+    print(args.prompt + text)
+
+
+def _hf_import(args) -> None:
+    from lm.hf import import_run
+
+    out = import_run(args.hf_dir, args.run_dir, args.overrides, args.tokenizer)
+    print(f"imported {args.hf_dir} into {out}; evaluate with python eval.py --run_dir {out}")
+
+
+def _hf_export(args) -> None:
+    from lm.hf import export_run
+
+    out = export_run(args.run_dir, args.hf_dir, args.step)
+    print(f"exported {args.run_dir} to {out} (config.json, model.safetensors)")
+
+
+def _bench(args) -> None:
+    from lm.tools.bench import bench, format_table
+
+    result = bench(_config(args), args.steps, args.warmup, args.max_seconds)
+    print(json.dumps(result) if args.json else format_table(result), flush=True)
+
+
+def _aot(args) -> None:
+    from lm.tools.aot import analyse, format_report
+
+    report = analyse(_config(args), args.topology)
+    print(json.dumps(report) if args.json else format_report(report))
+
+
+def _plot(args) -> None:
+    from lm.tools.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.output))
+
+
+def _data_list(args) -> None:
+    from lm.data import packaged
+
+    for name, corpus in packaged.CORPORA.items():
+        print(f"{packaged.SCHEME}{name}: {corpus.description}; {corpus.size:,} bytes, sha256 {corpus.sha256[:16]}...; "
+              f"{corpus.source}")
+
+
+def _data_prepare(args) -> None:
+    from lm.data.corpus import data_dir, open_split, prepare
+
+    cfg = _config(args)
+    if not cfg.data.tfds_name:
+        print(f"corpus: {prepare(cfg.data)}")
+    for split in (cfg.data.train_split, cfg.data.eval_split):
+        print(f"{cfg.data.tfds_name or 'lm_text'} [{split}]: {len(open_split(cfg.data, split)):,} documents "
+              f"in {data_dir(cfg.data)}")
+
+
+def _data_bench(args) -> None:
+    from lm.tools.bench import data_bench
+
+    r = data_bench(_config(args), args.batches)
+    print(f"pipeline: {r['pipeline_tokens_per_sec']:,.0f} tokens/s ({r['batches']} batches, data.workers="
+          f"{r['workers']}) | train step: {r['step_tokens_per_sec']:,.0f} tokens/s on {r['n_devices']} "
+          f"{r['platform']} device(s)")
+
+
+def _info(args) -> None:
+    from lm.tools.info import format_info, info
+
+    report = info()
+    print(json.dumps(report) if args.json else format_info(report))

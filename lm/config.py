@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 from lm.errors import LMError
-from lm.fileio import write_atomic
 
 REMAT_POLICIES = (
     "none",
@@ -144,8 +143,8 @@ class ParallelConfig:
     data: int = -1  # -1: all devices not used by fsdp and tensor
     fsdp: int = 1
     tensor: int = 1
-    cpu_devices: int = 0  # JAX devices a CPU host is split into; 0: one per core (lm.cpu_devices)
-    cpu_chunk_tokens: int = 1024  # CPU: tokens per device in one pass of a step (lm.cpu_chunks); 0: one pass
+    cpu_devices: int = 0  # JAX devices a CPU host is split into; 0: one per core (lm.parallel.cpu)
+    cpu_chunk_tokens: int = 1024  # CPU: tokens per device in one pass of a step (lm.parallel.cpu); 0: one pass
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
@@ -304,10 +303,6 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
 
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def save_config(config: Config, path: str | pathlib.Path) -> None:
-    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def replace(config: Config, **dotted: Any) -> Config:

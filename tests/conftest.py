@@ -1,4 +1,4 @@
-"""Shared fixtures: the real text corpora in ../shared/data and tiny configs."""
+"""Shared fixtures: the corpora packaged with lm (no network, nothing outside the checkout) and tiny configs."""
 
 from __future__ import annotations
 
@@ -13,38 +13,32 @@ import jax
 import pytest
 
 from lm.config import load_config
+from lm.data import packaged
 
 # In-process tests see one CPU device whatever the machine's cores; train.py subprocesses
-# split the cores as users' runs do (lm.cpu_devices), and test_parallel asks for 8 devices.
+# split the cores as users' runs do (lm.parallel.cpu), and test_parallel asks for 8 devices.
 jax.config.update("jax_num_cpu_devices", 1)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-def shared_file(name: str) -> pathlib.Path:
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (the project expects ../shared/data beside the checkout)")
-    return path
+SHAKESPEARE = packaged.path("builtin:tinyshakespeare")  # the file inside the installed package
+GRIMM = packaged.path("builtin:grimm_tales")
 
 
 @pytest.fixture(scope="session")
 def shakespeare() -> pathlib.Path:
-    return shared_file("tinyshakespeare.txt")
+    return SHAKESPEARE
 
 
 @pytest.fixture(scope="session")
 def grimm() -> pathlib.Path:
-    return shared_file("grimm_tales.txt")
+    return GRIMM
 
 
 @pytest.fixture
 def tiny_config(tmp_path, shakespeare):
-    """configs/tiny.yaml on the Shakespeare text, in a fresh run_dir, plus any overrides."""
+    """configs/tiny.yaml (on the packaged Shakespeare text) in a fresh run_dir, plus any overrides."""
 
     def make(*overrides: str, run_dir: pathlib.Path | None = None):
-        return load_config(ROOT / "configs" / "tiny.yaml",
-                           [f"data.text_file={shakespeare}", f"run_dir={run_dir or tmp_path / 'run'}", *overrides])
+        return load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir or tmp_path / 'run'}", *overrides])
 
     return make

@@ -16,14 +16,14 @@ import sys
 import jax
 import numpy as np
 
-from lm.cli import eval_main, train_main
+from lm.cli import main as cli_main
 from lm.config import load_config
 from lm.errors import LMError
-from lm.evaluate import evaluate
-from lm.runtime import build
-from lm.text_data import TRAIN_STREAM, TextData, random_windows
-from lm.tokenizer import ByteTokenizer, make_tokenizer
-from lm.trainer import CHECKPOINT_DIR, METRICS_FILE
+from lm.tools.evaluate import evaluate
+from lm.training.runtime import build
+from lm.data.text import TRAIN_STREAM, TextData, random_windows
+from lm.data.tokenizers import ByteTokenizer, make_tokenizer
+from lm.rundir import CHECKPOINT_DIR, METRICS_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -101,7 +101,7 @@ def case_evaluate(args: dict) -> dict:
     """eval.py --json on the run in run_dir."""
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        eval_main(["--run_dir", args["run_dir"], "--json"])
+        cli_main(["eval", "--run_dir", args["run_dir"], "--json"])
     return {**json.loads(stdout.getvalue().splitlines()[-1]), "devices": jax.device_count()}
 
 
@@ -121,7 +121,7 @@ def case_eight_devices(args: dict) -> dict:
         ("pmap_batch", ("parallel.mode=pmap", "train.batch_size=12")))}
     out["memory"] = {name: compiled_memory(tiny(args, "model.d_model=256", "train.batch_size=64", *ov))
                      for name, ov in (("data8", ()), ("fsdp8", ("parallel.data=1", "parallel.fsdp=8")))}
-    train_main(train_args(args, args["run_dir"], "parallel.fsdp=4", "parallel.tensor=2"))
+    cli_main(["train", *train_args(args, args["run_dir"], "parallel.fsdp=4", "parallel.tensor=2")])
     return out
 
 
@@ -137,7 +137,7 @@ def case_resume(args: dict) -> dict:
     checkpoints = pathlib.Path(args["run_dir"]) / CHECKPOINT_DIR
     before = metrics_losses(args["run_dir"])
     shutil.rmtree(checkpoints / str(STEPS + 1))
-    train_main(train_args(args, args["run_dir"], "parallel.mode=pmap"))
+    cli_main(["train", *train_args(args, args["run_dir"], "parallel.mode=pmap")])
     return {"before": before, "after": metrics_losses(args["run_dir"]), "devices": jax.device_count(),
             "eval": evaluate(args["run_dir"])}
 
@@ -147,7 +147,7 @@ def case_train(args: dict) -> dict:
     out = {}
     for name, ov in (("mesh", ("parallel.fsdp=2", "parallel.tensor=2")), ("pmap", ("parallel.mode=pmap",))):
         run_dir = f"{args['run_dir']}_{name}"
-        train_main(train_args(args, run_dir, *ov, *args.get("overrides", ())))
+        cli_main(["train", *train_args(args, run_dir, *ov, *args.get("overrides", ()))])
         out[name] = {"losses": metrics_losses(run_dir) if jax.process_index() == 0 else None,
                      "checkpoints": sorted(p.name for p in (pathlib.Path(run_dir) / CHECKPOINT_DIR).iterdir())}
     out.update(process_index=jax.process_index(), process_count=jax.process_count(),

@@ -7,11 +7,14 @@ import os
 
 import pytest
 
+from lm.cli import main as cli_main
+from lm.config import load_config
+
 # Before any jax backend starts: no TPU is used, so let libtpu load beside other processes.
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from lm import aot  # noqa: E402
+from lm.tools import aot  # noqa: E402
 from lm.errors import LMError  # noqa: E402
 
 TOPOLOGY = "v5e:2x2"  # 4 chips of 16 GiB
@@ -22,14 +25,14 @@ TILE_FRIENDLY = ("model.d_model=256", "model.n_heads=2", "model.vocab_size=512")
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory, request):
     """Compiles each tiny-config variant once per module."""
-    from tests.conftest import ROOT, shared_file
+    from tests.conftest import ROOT, SHAKESPEARE
 
-    text = shared_file("tinyshakespeare.txt")
+    text = SHAKESPEARE
     cache = {}
 
     def report(*overrides: str) -> dict:
         if overrides not in cache:
-            cfg = aot.load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={text}", *TILE_FRIENDLY, *overrides])
+            cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={text}", *TILE_FRIENDLY, *overrides])
             cache[overrides] = aot.analyse(cfg, TOPOLOGY)
         return cache[overrides]
 
@@ -72,7 +75,7 @@ def test_scanned_accumulated_step_is_costed_like_the_unrolled_one(reports):
 
 def test_oversized_config_does_not_fit(shakespeare, capsys):
     # Float32 logits alone: 4096 x 64 x 65536 x 4 bytes = 64 GiB, 16 GiB per chip, plus their gradients.
-    aot.main(["--config", "configs/tiny.yaml", "--topology", TOPOLOGY, "--json", f"data.text_file={shakespeare}",
+    cli_main(["aot", "--config", "configs/tiny.yaml", "--topology", TOPOLOGY, "--json", f"data.text_file={shakespeare}",
               "model.vocab_size=65536", "train.batch_size=4096", "train.seq_len=64"])
     r = json.loads(capsys.readouterr().out)
     assert not r["fits"] and r["hbm_needed_bytes"] > r["hbm_capacity_bytes"]

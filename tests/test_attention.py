@@ -14,9 +14,9 @@ import pytest
 
 from lm.config import ModelConfig
 from lm.errors import LMError
-from lm.layers import attention_impl
-from lm.model import Transformer
-from lm.step import init_params
+from lm.model.attention import resolve as attention_impl
+from lm.model.transformer import Transformer
+from lm.training.step import init_params
 from tests.conftest import ROOT
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 
 from lm.config import load_config
-from lm.trainer import train
+from lm.training.loop import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAINED_OVERRIDES = ["train.steps=4", "checkpoint.every=2", "eval.every=0", "log.every=2"]
@@ -28,10 +28,10 @@ TRAINED_OVERRIDES = ["train.steps=4", "checkpoint.every=2", "eval.every=0", "log
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, request) -> pathlib.Path:
     """A 4-step tiny run with checkpoints at steps 2 and 4."""
-    from tests.conftest import shared_file
+    from tests.conftest import SHAKESPEARE
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    text = shared_file("tinyshakespeare.txt")
+    text = SHAKESPEARE
     train(load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={text}", f"run_dir={run_dir}",
                                                        *TRAINED_OVERRIDES]))
     return run_dir
@@ -241,5 +241,5 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_configs_are_read_with_safe_load_and_nothing_is_pickled():
-    sources = [p.read_text() for p in (ROOT / "lm").glob("*.py")]
+    sources = [p.read_text() for p in (ROOT / "lm").rglob("*.py")]
     assert not any("import pickle" in s or "yaml.load(" in s or "yaml.unsafe_load" in s for s in sources)

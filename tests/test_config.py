@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from lm import config as config_lib
+from lm import rundir
 from lm.config import load_config
 from lm.errors import LMError
 from tests.conftest import ROOT
@@ -69,6 +70,6 @@ def test_non_mapping_and_missing_files(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(ROOT / "configs" / "shakespeare_cpu.yaml", ["seed=7"])
-    config_lib.save_config(cfg, tmp_path / "c.yaml")
-    assert load_config(tmp_path / "c.yaml") == cfg
-    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"]["d_model"] == 128
+    rundir.save_config(cfg, tmp_path)
+    assert rundir.read_config(tmp_path) == cfg
+    assert yaml.safe_load((tmp_path / rundir.CONFIG_FILE).read_text())["model"]["d_model"] == 128

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from lm.config import load_config
-from lm.cpu_devices import auto_count, split_cpu, usable_cores
+from lm.parallel.cpu import auto_count, split_cpu, usable_cores
 from lm.errors import LMError
 from tests.conftest import ROOT
 
@@ -49,7 +49,7 @@ def test_container_cpu_quota_caps_the_cores(tmp_path, cpu_max, expected):
 
 
 def devices_in_fresh_process(*overrides, env=None):
-    code = ("import json, sys, jax; from lm.config import load_config; from lm.cpu_devices import split_cpu; "
+    code = ("import json, sys, jax; from lm.config import load_config; from lm.parallel.cpu import split_cpu; "
             "split_cpu(load_config(sys.argv[1], sys.argv[2:])); print(json.dumps(jax.device_count()))")
     env = {**os.environ, **(env or {})}
     env.pop("JAX_NUM_CPU_DEVICES", None)
@@ -68,7 +68,7 @@ def test_split_applies_before_jax_starts_and_respects_xla_flags():
 def test_an_earlier_auto_split_must_divide_the_next_runs_batches():
     code = """
 import sys, jax
-from lm import cpu_devices
+from lm.parallel import cpu as cpu_devices
 from lm.config import load_config
 from lm.errors import LMError
 cpu_devices.usable_cores = lambda: 4

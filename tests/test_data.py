@@ -15,8 +15,8 @@ from lm.data import eval_batches, make_data
 from lm.data.corpus import open_split, prepare, read_documents, split_documents
 from lm.data.pipeline import from_json_state, packed_dataset
 from lm.errors import LMError
-from lm.model import Transformer
-from lm.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
+from lm.model.transformer import Transformer
+from lm.data.tokenizers import BOS_ID, EOS_ID, ByteTokenizer
 
 
 
@@ -102,8 +102,8 @@ def test_documents_never_attend_across_boundaries():
 
 
 def test_sentencepiece_round_trip_and_fixed_ids(tmp_path, grimm):
-    from lm import sp_tokenizer
-    from lm.tokenizer import load_tokenizer, save_tokenizer
+    from lm.data.tokenizers import sentencepiece as sp_tokenizer
+    from lm.data.tokenizers import load_tokenizer, save_tokenizer
 
     text = grimm.read_text(encoding="utf-8")
     tok = sp_tokenizer.train([text[:200_000]], 512, "bpe")
@@ -117,7 +117,7 @@ def test_sentencepiece_round_trip_and_fixed_ids(tmp_path, grimm):
     np.testing.assert_array_equal(load_tokenizer(tmp_path).encode(sample), ids)
     # An existing .model file is copied into a new run and used as is.
     from lm.data import run_tokenizer
-    from lm.tokenizer import save_tokenizer
+    from lm.data.tokenizers import save_tokenizer
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -133,9 +133,9 @@ def test_sentencepiece_round_trip_and_fixed_ids(tmp_path, grimm):
 
 @pytest.mark.slow
 def test_sentencepiece_training_resumes_exactly_and_evaluates_bits_per_byte(tmp_path, grimm):
-    from lm.evaluate import evaluate
-    from lm.tokenizer import load_tokenizer
-    from lm.trainer import train
+    from lm.tools.evaluate import evaluate
+    from lm.data.tokenizers import load_tokenizer
+    from lm.training.loop import train
 
     common = [f"data.text_file={grimm}", r"data.doc_separator=\n\n\n", "data.tokenizer=sentencepiece",
               "data.vocab_size=512", "optim.decay_steps=8", "checkpoint.every=4", "eval.every=0",

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.checkpoint import Checkpoints
+from lm.training.checkpoint import Checkpoints
 from lm.errors import LMError
-from lm.runtime import build
-from lm.step import train_step
-from lm.tokenizer import ByteTokenizer
-from lm.trainer import train
+from lm.training.runtime import build
+from lm.training.step import train_step
+from lm.data.tokenizers import ByteTokenizer
+from lm.training.loop import train
 
 # A learning rate this large turns the parameters to ~1e29 after one update, so the next
 # forward pass overflows; grad_clip=0 keeps clipping from hiding the blow-up.
@@ -48,8 +48,9 @@ def test_train_step_flags_and_drops_nonfinite_updates(tiny_config):
         np.testing.assert_array_equal(a, b)
 
 
-def test_divergence_stops_at_the_step_and_skip_counts_it(tiny_config, tmp_path):
-    skipping = tiny_config(*BLOW_UP, "train.skip_nonfinite=true", run_dir=tmp_path / "skip")
+@pytest.mark.parametrize("mode", ["mesh", "pmap"])  # one runtime builder: both modes get skip_nonfinite
+def test_divergence_stops_at_the_step_and_skip_counts_it(tiny_config, tmp_path, mode):
+    skipping = tiny_config(*BLOW_UP, "train.skip_nonfinite=true", f"parallel.mode={mode}", run_dir=tmp_path / "skip")
     records = [r for r in train(skipping) if "loss" in r]
     counts = [r["skipped_steps"] for r in records]
     assert counts == sorted(counts) and counts[-1] > 0
@@ -60,7 +61,7 @@ def test_divergence_stops_at_the_step_and_skip_counts_it(tiny_config, tmp_path):
     assert meta["skipped_steps"] == counts[-1]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
-    stopping = tiny_config(*BLOW_UP, run_dir=tmp_path / "stop")
+    stopping = tiny_config(*BLOW_UP, f"parallel.mode={mode}", run_dir=tmp_path / "stop")
     with pytest.raises(LMError, match=f"diverged at step {first_bad}:"):
         train(stopping)
     ckpts = Checkpoints(tmp_path / "stop" / "checkpoints", read_only=True)

@@ -7,11 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import generate as gen
+from lm.cli import main as cli_main
+
+from lm.model import decode as gen
+from lm.tools.generate import generate_text
 from lm.config import ModelConfig
 from lm.errors import LMError
-from lm.model import Transformer
-from lm.step import init_params
+from lm.model.transformer import Transformer
+from lm.training.step import init_params
 
 # GPT-2 style, and Llama style with GQA, an untied head and scanned layers.
 ARCHS = {
@@ -88,21 +91,21 @@ def test_long_prompts_keep_their_end():
 
 @pytest.mark.slow
 def test_cli_generates_and_benchmarks(tiny_config, capsys):
-    from lm.trainer import train
+    from lm.training.loop import train
 
     cfg = tiny_config("train.steps=5", "eval.every=0", "checkpoint.async_save=false")
     train(cfg)
     capsys.readouterr()
     prompt = "ROMEO:\n" + "x" * 70  # longer than the 64-token context: cut to its end
-    gen.main(["--run_dir", cfg.run_dir, "--prompt", prompt, "--max_new_tokens", "16", "--temperature", "0"])
+    cli_main(["generate", "--run_dir", cfg.run_dir, "--prompt", prompt, "--max_new_tokens", "16", "--temperature", "0"])
     captured = capsys.readouterr()
     assert "prompt cut" in captured.err
-    greedy = gen.generate_text(cfg.run_dir, prompt, 16, gen.Sampling(temperature=0.0))
+    greedy = generate_text(cfg.run_dir, prompt, 16, gen.Sampling(temperature=0.0))
     assert captured.out == prompt + greedy + "\n" and greedy
 
-    gen.main(["--run_dir", cfg.run_dir, "--prompt", prompt, "--max_new_tokens", "16", "--bench"])
+    cli_main(["generate", "--run_dir", cfg.run_dir, "--prompt", prompt, "--max_new_tokens", "16", "--bench"])
     assert "tok/s with KV cache" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exit_info:
-        gen.main(["--run_dir", cfg.run_dir, "--prompt", "ROMEO:", "--max_new_tokens", "64"])
+        cli_main(["generate", "--run_dir", cfg.run_dir, "--prompt", "ROMEO:", "--max_new_tokens", "64"])
     assert exit_info.value.code == 2 and "max_new_tokens" in capsys.readouterr().err

@@ -19,7 +19,8 @@ import torch  # the `hf` extra (pip install -e ".[test,hf]"), which CI installs
 import transformers
 
 from lm import hf
-from lm.cli import eval_main
+from lm.hf import families
+from lm.cli import main as cli_main
 from lm.config import load_config
 from lm.errors import LMError
 
@@ -50,9 +51,9 @@ def _sentencepiece_model(text: str, path) -> int:
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory, request):
     """{'llama': (dir, torch model), 'gpt2': ...}; weights drawn with a larger std so logits are far from uniform."""
-    from conftest import shared_file
+    from conftest import SHAKESPEARE
 
-    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000]
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:100_000]
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     llama_dir, gpt2_dir = root / "llama", root / "gpt2"
@@ -114,7 +115,7 @@ def test_eval_perplexity_of_imported_gpt2_matches_transformers(hf_models, tmp_pa
     run_dir = hf.import_run(hf_dir, tmp_path / "run", [f"train.seq_len={seq_len}", "train.batch_size=4"])
     text_file = tmp_path / "eval.txt"
     text_file.write_text(hf_models["text"][-3000:], encoding="utf-8")
-    eval_main(["--run_dir", str(run_dir), "--text_file", str(text_file), "--json"])
+    cli_main(["eval", "--run_dir", str(run_dir), "--text_file", str(text_file), "--json"])
     ours = json.loads(capsys.readouterr().out)
 
     ids = np.array(Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text_file.read_text()).ids)
@@ -136,9 +137,9 @@ def test_eval_perplexity_of_imported_gpt2_matches_transformers(hf_models, tmp_pa
 def test_imported_run_continues_training(hf_models, tmp_path, shakespeare):
     import jax
 
-    from lm.checkpoint import Checkpoints
-    from lm.restore import restore_run
-    from lm.trainer import train
+    from lm.training.checkpoint import Checkpoints
+    from lm.training.restore import restore_run
+    from lm.training.loop import train
 
     hf_dir, _ = hf_models["llama"]
     run_dir = hf.import_run(hf_dir, tmp_path / "run", [f"data.text_file={shakespeare}", "train.seq_len=32",
@@ -185,11 +186,11 @@ def test_export_refuses_models_without_hf_equivalent(tiny_config):
 
     cfg = replace(tiny_config(), **{"model.position": "sinusoidal"})
     with pytest.raises(LMError, match="no Hugging Face equivalent"):
-        hf.hf_config(cfg.model)
+        families.hf_config(cfg.model)
 
 
 def test_hf_tokenizers_round_trip_and_count_bytes(hf_models, tmp_path):
-    from lm import hf_tokenizer
+    from lm.data.tokenizers import hf as hf_tokenizer
 
     text = hf_models["text"][:5000]
     bpe = hf_tokenizer.HFTokenizer(hf_models["gpt2"][0] / "tokenizer.json")
@@ -205,7 +206,7 @@ def test_hf_tokenizers_round_trip_and_count_bytes(hf_models, tmp_path):
 
 
 def test_train_with_hf_tokenizer_needs_an_imported_run(tiny_config):
-    from lm.trainer import train
+    from lm.training.loop import train
 
     with pytest.raises(LMError, match="lm.hf import"):
         train(tiny_config("data.tokenizer=hf"))

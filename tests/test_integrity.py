@@ -10,9 +10,9 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from lm.fileio import write_atomic
-from lm.fingerprint import fingerprint
-from lm.trainer import MetricsLog
+from lm.rundir import write_atomic
+from lm.training.checkpoint import fingerprint
+from lm.observe.log import MetricsLog
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
@@ -45,7 +45,7 @@ def test_metrics_log_drops_records_past_the_checkpoint_and_a_cut_line(tmp_path):
 
 
 STRAY_READ_AT_EXIT = """
-from lm.checkpoint import _silence_stray_read_errors
+from lm.training.checkpoint import _silence_stray_read_errors
 _silence_stray_read_errors()
 
 async def {name}():

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 import pytest
 
-from lm.checkpoint import Checkpoints
+from lm.training.checkpoint import Checkpoints
 from lm.config import load_config
-from lm.runtime import build
-from lm.tokenizer import load_tokenizer
+from lm.training.runtime import build
+from lm.data.tokenizers import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TMP_MARK = "orbax-checkpoint-tmp"

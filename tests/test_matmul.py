@@ -1,6 +1,4 @@
-"""lm.matmul: the CPU Dense matmul computes what lax.dot_general does, values and gradients."""
-
-import types
+"""lm.parallel.matmul: the CPU Dense matmul computes what lax.dot_general does, values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +6,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from lm import matmul
-from lm.matmul import cpu_dot_general, dense_dot_general
+from lm.parallel import matmul
+from lm.parallel.matmul import cpu_dot_general, dense_dot_general
 
 
 def dense_dims(x_ndim: int, n: int):
@@ -55,13 +53,9 @@ def test_other_contractions_go_to_lax_unchanged():
 
 
 def test_used_on_cpu_only():
-    def on(platform):
-        return types.SimpleNamespace(device_set=[types.SimpleNamespace(platform=platform)])
-
-    assert dense_dot_general(on("cpu")) is cpu_dot_general
-    assert dense_dot_general(on("tpu")) is None and dense_dot_general(on("gpu")) is None
-    assert dense_dot_general() is cpu_dot_general  # these tests run on the CPU backend
-    assert dense_dot_general(on("cpu"), "dots_saveable") is None  # remat policies that save matmul outputs
+    assert dense_dot_general("cpu") is cpu_dot_general
+    assert dense_dot_general("tpu") is None and dense_dot_general("gpu") is None
+    assert dense_dot_general("cpu", "dots_saveable") is None  # remat policies that save matmul outputs
 
 
 def test_compiler_options_drop_an_option_this_jaxlib_lacks(monkeypatch):

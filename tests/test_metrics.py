@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lm.config import ModelConfig
-from lm.metrics import cpu_matmul_probe, flops_per_token, matmul_params, mfu, peak_flops, table_peak
-from lm.model import Transformer
-from lm.step import init_params
+from lm.observe.flops import cpu_matmul_probe, flops_per_token, matmul_params, mfu, peak_flops, table_peak
+from lm.model.transformer import Transformer
+from lm.training.step import init_params
 
 
 def test_flops_per_token_matches_hand_count_for_tiny_gpt():

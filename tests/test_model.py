@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lm.config import ModelConfig
-from lm.model import Transformer, count_params
-from lm.step import init_params
+from lm.model.transformer import Transformer, count_params
+from lm.training.step import init_params
 
 BASE = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, max_seq_len=16)
 VARIANTS = {

@@ -10,10 +10,12 @@ import struct
 
 import pytest
 
-from lm import bench
-from lm.observe import Progress
-from lm.plot import plot_runs
-from lm.trainer import train
+from lm.cli import main as cli_main
+
+from lm.tools import bench
+from lm.observe.log import Progress
+from lm.tools.plot import plot_runs
+from lm.training.loop import train
 from tests.conftest import ROOT
 
 
@@ -86,7 +88,7 @@ def test_progress_bar_on_a_terminal_shows_eta_and_keeps_lines():
 
 
 def test_bench_json_prints_every_field_and_an_honest_mfu(shakespeare, capsys):
-    bench.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--json", "--steps", "3", "--warmup", "1",
+    cli_main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--json", "--steps", "3", "--warmup", "1",
                 f"data.text_file={shakespeare}"])
     result = json.loads(capsys.readouterr().out)
     for key in ("tokens_per_sec", "tokens_per_sec_per_device", "step_sec_median", "step_sec_p10", "step_sec_p90",

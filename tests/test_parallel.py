@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, shared_file
+from tests.conftest import ROOT, SHAKESPEARE
 
 WORKER = ROOT / "tests" / "parallel_worker.py"
 F32_BOUND = 1e-5  # float32 rounding after 4-5 steps of the tiny model
@@ -52,7 +52,7 @@ def max_diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def text_file():
-    return str(shared_file("tinyshakespeare.txt"))
+    return str(SHAKESPEARE)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_when_processes_join_a_distributed_run(monkeypatch, env, overrides, expe
     import jax
 
     from lm.config import ParallelConfig
-    from lm.sharding import maybe_initialize_distributed
+    from lm.parallel.mesh import maybe_initialize_distributed
 
     for key in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(key, raising=False)

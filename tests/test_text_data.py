@@ -5,8 +5,8 @@ import pytest
 
 from lm.config import DataConfig
 from lm.errors import LMError
-from lm.text_data import TRAIN_STREAM, VAL_STREAM, TextData, random_windows, read_text, split_text
-from lm.tokenizer import ByteTokenizer
+from lm.data.text import TRAIN_STREAM, VAL_STREAM, TextData, random_windows, read_text, split_text
+from lm.data.tokenizers import ByteTokenizer
 
 
 def test_split_is_nanogpt_split(shakespeare):

@@ -8,15 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from lm.checkpoint import Checkpoints
+from lm.training.checkpoint import Checkpoints
 from lm.config import load_config
-from lm.cpu_devices import auto_count, usable_cores
-from lm.evaluate import eval_windows, evaluate
-from lm.runtime import build
-from lm.step import token_losses
-from lm.tokenizer import ByteTokenizer, load_tokenizer
-from lm.trainer import train
-from tests.conftest import ROOT
+from lm.parallel.cpu import auto_count, usable_cores
+from lm.tools.evaluate import eval_windows, evaluate
+from lm.training.runtime import build
+from lm.training.step import token_losses
+from lm.data.tokenizers import ByteTokenizer, load_tokenizer
+from lm.training.loop import train
+from tests.conftest import ROOT, SHAKESPEARE
 
 
 def read_metrics(run_dir):
@@ -88,7 +88,7 @@ def test_finished_run_rerun_does_nothing_and_model_change_is_refused(trained):
 def test_eval_scores_every_token_once(trained, tmp_path):
     cfg, run_dir, _ = trained
     result = evaluate(str(run_dir))
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    text = SHAKESPEARE.read_text()
     val_chars = len(text) - int(len(text) * 0.9)
     assert result["tokens"] == val_chars - 1 and result["step"] == 30
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from lm.config import DataConfig
 from lm.errors import LMError
-from lm.text_data import fetch, read_text, split_text
+from lm.data.packaged import is_packaged
+from lm.data.text import read_text, split_text, text_path
 
 BUILDER_NAME = "lm_text"
 
@@ -33,11 +34,12 @@ def corpus_files(cfg: DataConfig) -> list[pathlib.Path]:
         if not cfg.text_file:
             raise LMError("no corpus: set data.files=PATHS (text or .jsonl files, globs allowed), "
                           "data.text_file=PATH, or data.tfds_name=NAME.")
-        if cfg.text_file.split(":", 1)[0] in ("http", "https", "file"):
-            return [fetch(cfg.text_file, cfg.sha256, cfg.cache_dir)]
-        return [pathlib.Path(cfg.text_file).expanduser()]
+        return [text_path(cfg.text_file, cfg.sha256, cfg.cache_dir)]
     files = []
     for pattern in (p.strip() for p in cfg.files.split(",") if p.strip()):
+        if is_packaged(pattern):
+            files.append(text_path(pattern))
+            continue
         found = sorted(glob.glob(str(pathlib.Path(pattern).expanduser())))
         if not found:
             raise LMError(f"data.files entry '{pattern}' matches no file; fix the path or glob.")

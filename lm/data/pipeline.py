@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from lm.data.corpus import document_text
-from lm.tokenizer import BOS_ID, EOS_ID
+from lm.data.tokenizers import BOS_ID, EOS_ID
 
 
 class Tokenize:

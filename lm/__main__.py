@@ -1,0 +1,5 @@
+"""python -m lm COMMAND ...: the `lm` command line (lm/cli.py)."""
+
+from lm.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""Training data behind one Protocol: random windows of one text, or packed documents of a TFDS dataset.
+
+`data.source=text_file` samples random windows of one file (stateless: a batch is a
+function of seed and step); `data.source=tfds` packs documents of a TFDS dataset (own
+corpus or named) through grain (lm/data/pipeline.py), resuming from the saved state.
+tensorflow-datasets and grain are imported only when used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Protocol
+
+import jax
+import numpy as np
+
+from lm.config import Config, DataConfig
+from lm.data.text import TRAIN_STREAM, VAL_STREAM, TextData, random_windows
+from lm.data.tokenizers import Tokenizer
+from lm.errors import LMError
+
+Batch = dict[str, np.ndarray]
+HostRows = Callable[[int], np.ndarray]  # global batch size -> the rows this host loads
+
+
+class DataSource(Protocol):
+    """What the training loop reads batches from."""
+
+    tokenizer: Tokenizer
+
+    def batch(self, step: int) -> Batch:
+        """This host's rows of global batch `step`: inputs, targets (and weights, positions, segment_ids)."""
+        ...
+
+    def state(self) -> dict:
+        """The position to save in a checkpoint (JSON)."""
+        ...
+
+    def restore(self, state: dict | None) -> None:
+        """Continues from a position `state()` returned."""
+        ...
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The fixed batches of the in-training validation estimate (this host's rows)."""
+        ...
+
+
+class WindowData:
+    """data.source=text_file: random windows of one text file."""
+
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, host_rows: HostRows):
+        self.cfg, self.tokenizer, self.host_rows = cfg, tokenizer, host_rows
+        self.text = TextData.load(cfg.data, tokenizer, cfg.train.seq_len)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        t = self.cfg.train
+        return random_windows(self.text.train, self.cfg.seed, step, TRAIN_STREAM, t.batch_size, t.seq_len,
+                              self.host_rows(t.batch_size))
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict | None) -> None:
+        pass
+
+    def val_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(self.cfg.eval.batches):
+            yield random_windows(self.text.val, self.cfg.seed, i, VAL_STREAM, batch_size, self.cfg.train.seq_len,
+                                 self.host_rows(batch_size))
+
+
+class PackedData:
+    """data.source=tfds: shuffled, packed documents of the train split; this host's share."""
+
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, host_rows: HostRows):
+        from lm.data.corpus import open_split
+        from lm.data.pipeline import packed_dataset
+
+        self.cfg, self.tokenizer, self.host_rows = cfg, tokenizer, host_rows
+        self.dataset = packed_dataset(
+            open_split(cfg.data, cfg.data.train_split), tokenizer, cfg.data.text_key, cfg.train.seq_len,
+            len(host_rows(cfg.train.batch_size)), seed=cfg.seed,
+            shard=(jax.process_index(), jax.process_count()), workers=cfg.data.workers)
+        self.iterator = iter(self.dataset)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    def state(self) -> dict:
+        return self.iterator.get_state()
+
+    def restore(self, state: dict | None) -> None:
+        from lm.data.pipeline import from_json_state
+
+        if state is None:
+            raise LMError("this run's checkpoint holds no data position (it was trained with data.source=text_file); "
+                          "use that source or a new run_dir.")
+        self.iterator.set_state(from_json_state(state))
+
+    def val_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """The first eval.batches batches of the eval split, in order (the same every time)."""
+        for i, batch in enumerate(eval_batches(self.cfg.data, self.tokenizer, self.cfg.train.seq_len, batch_size)):
+            if i == self.cfg.eval.batches:
+                return
+            yield {k: v[self.host_rows(batch_size)] for k, v in batch.items()}
+
+
+def eval_batches(cfg: DataConfig, tokenizer, seq_len: int, batch_size: int,
+                 split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Every document of a split once, packed as in training, in full global batches."""
+    from lm.data.corpus import open_split
+    from lm.data.pipeline import packed_dataset, padded
+
+    source = open_split(cfg, split or cfg.eval_split)
+    return padded(packed_dataset(source, tokenizer, cfg.text_key, seq_len, batch_size), batch_size)
+
+
+def make_data(cfg: Config, tokenizer: Tokenizer, host_rows: HostRows = np.arange) -> DataSource:
+    """The configured source; `host_rows(batch_size)` gives the rows of a global batch this host loads
+    (the runtime's `host_rows`; by default all of them, as in a single process)."""
+    source = PackedData if cfg.data.source == "tfds" else WindowData
+    return source(cfg, tokenizer, host_rows)

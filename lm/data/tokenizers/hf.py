@@ -1,0 +1,113 @@
+"""A pretrained model's own tokenizer, carried into a run: HF `tokenizer.json` or SentencePiece `tokenizer.model`.
+
+`lm.hf import` copies the file into the run directory as `hf_tokenizer.json` or
+`hf_tokenizer.model` and records `{"kind": "hf", "file": ...}` in `tokenizer.json`.
+Both files are data (JSON, protobuf); loading them executes nothing.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+
+import numpy as np
+
+from lm.errors import LMError
+
+SOURCE_FILES = ("tokenizer.json", "tokenizer.model")
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def _import_error(package: str) -> LMError:
+    return LMError(f"this run's tokenizer needs the '{package}' package; install it with pip install -e '.[hf]'.")
+
+
+class HFTokenizer:
+    """Wraps a `tokenizers.Tokenizer` (tokenizer.json) or a `sentencepiece` model (tokenizer.model)."""
+
+    kind = "hf"
+    eos_id: int | None = None  # not recorded by the import yet
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+        self.file = self.path.name
+        try:
+            if self.path.suffix == ".json":
+                try:
+                    from tokenizers import Tokenizer
+                except ImportError:
+                    raise _import_error("tokenizers") from None
+                self._tok = Tokenizer.from_file(str(self.path))
+                self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+                pieces = [self._tok.id_to_token(i) or "" for i in range(self.vocab_size)]
+                special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+                byte_level = '"ByteLevel"' in self.path.read_text(encoding="utf-8")
+            else:
+                try:
+                    import sentencepiece
+                except ImportError:
+                    raise _import_error("sentencepiece") from None
+                self._tok = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+                self.vocab_size = self._tok.get_piece_size()
+                pieces = [self._tok.id_to_piece(i) for i in range(self.vocab_size)]
+                special = {p for i, p in enumerate(pieces) if self._tok.is_control(i) or self._tok.is_unknown(i)}
+                byte_level = False
+        except LMError:
+            raise
+        except Exception as e:  # the libraries raise their own types for unreadable files
+            raise LMError(f"cannot read tokenizer '{self.path}' ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                          "pass a valid tokenizer.json or SentencePiece tokenizer.model.") from None
+        self._bytes_V = np.array([_piece_bytes(p, p in special, byte_level) for p in pieces], np.int64)
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.path.suffix == ".json":
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self._tok.encode(text)
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self._tok.decode(ids)
+
+    def byte_lengths(self, ids) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for (0 for special ids), from the token's piece."""
+        return self._bytes_V[np.clip(np.asarray(ids), 0, self.vocab_size - 1)]
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "file": self.file, "vocab_size": self.vocab_size}
+
+
+def _piece_bytes(piece: str, special: bool, byte_level: bool) -> int:
+    if special:
+        return 0
+    if byte_level:  # GPT-2 style: each character of a piece stands for one byte
+        return len(piece)
+    if _BYTE_PIECE.match(piece):  # SentencePiece byte fallback
+        return 1
+    return len(piece.replace("\u2581", " ").encode("utf-8"))
+
+
+def find_source(hf_dir: pathlib.Path) -> pathlib.Path | None:
+    """The tokenizer file shipped in a Hugging Face model directory, if any."""
+    for name in SOURCE_FILES:
+        if (hf_dir / name).is_file():
+            return hf_dir / name
+    return None
+
+
+def install(tokenizer: HFTokenizer, run_dir: pathlib.Path) -> HFTokenizer:
+    """Copies the tokenizer's file into run_dir as hf_tokenizer.json / .model and returns the copy."""
+    target = run_dir / f"hf_tokenizer{tokenizer.path.suffix}"
+    shutil.copyfile(tokenizer.path, target)
+    return HFTokenizer(target)
+
+
+def load(run_dir: pathlib.Path, spec: dict) -> HFTokenizer:
+    """Reopens the tokenizer a run recorded in its tokenizer.json."""
+    file = spec.get("file")
+    if not isinstance(file, str) or "/" in file or not (run_dir / file).is_file():
+        raise LMError(f"run '{run_dir}' names tokenizer file {file!r}, which is missing; "
+                      "import the model again with python -m lm.hf import.")
+    return HFTokenizer(run_dir / file)

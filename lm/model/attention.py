@@ -1,0 +1,99 @@
+"""Causal self-attention (multi-head, grouped- or multi-query) and its implementations.
+
+`attend` is the one place scores are computed, with the implementation the runtime chose
+(`resolve`): XLA's `jax.nn.dot_product_attention` everywhere, cuDNN's fused flash attention
+on NVIDIA GPUs. The `Attention` module adds the projections, RoPE and the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.config import ModelConfig
+from lm.errors import LMError
+from lm.model.layers import Kernels, apply_rope, normal_init, zeros_init
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str) -> str:
+    """The implementation of model.attention=xla|cudnn|auto on `platform` (the runtime's devices).
+
+    `auto` picks cuDNN's fused flash attention on a GPU where it applies (bf16/fp16, head
+    width a multiple of 8 up to 128, no packed-document mask), and XLA everywhere else.
+    """
+    if name == "cudnn" and platform != "gpu":
+        raise LMError(f"model.attention=cudnn needs an NVIDIA GPU but this is {platform}; use auto or xla.")
+    if name != "auto":
+        return name
+    fused_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if platform == "gpu" and fused_ok and not packed else "xla"
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool = True,
+           implementation: str = "xla") -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v over the keys each query may see: [B, T, N, H].
+
+    `causal` hides later keys (query i sees keys j <= i); `mask_Bx1xTxS` (True = visible)
+    hides more, e.g. other documents of a packed row, or cache slots not yet written.
+    """
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=causal,
+                                        implementation=implementation)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with n_kv_heads <= n_heads (multi-head, grouped- or multi-query).
+
+    With `decode=True` keys and values are kept in a "cache" collection ([B, S, K, H] plus
+    a write index): each call appends its T positions and attends to everything cached so
+    far, so generating one token costs one position. `model.init` on a [B, S] input sizes it.
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+    kernels: Kernels = Kernels()
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+        cfg = self.cfg
+        N, K, H = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+
+        def project(features, names, name):
+            return nn.DenseGeneral(
+                features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=normal_init(cfg.init_std, ("embed",) + names),
+                bias_init=zeros_init(names), dot_general=self.kernels.dot_general, name=name)(x_BxTxD)
+
+        q_BxTxNxH = project((N, H), ("heads", "head_dim"), "query")
+        k_BxTxKxH = project((K, H), ("kv_heads", "head_dim"), "key")
+        v_BxTxKxH = project((K, H), ("kv_heads", "head_dim"), "value")
+        if cfg.position == "rope":
+            q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+            k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        if self.decode:  # one query position per step: memory-bound, and the cache mask is arbitrary
+            k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS = self._extend_cache(k_BxTxKxH, v_BxTxKxH)
+            out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS, causal=False)
+        else:
+            out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT,
+                                 implementation=self.kernels.attention)
+        return nn.DenseGeneral(
+            x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layers), ("heads", "head_dim", "embed")),
+            bias_init=zeros_init(("embed",)), dot_general=self.kernels.dot_general, name="out")(out_BxTxNxH)
+
+    def _extend_cache(self, k_BxTxKxH, v_BxTxKxH):
+        """Writes this chunk at the cache index; returns all cached keys/values [B, S, K, H] and the mask."""
+        key = self.variable("cache", "cached_key", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+        value = self.variable("cache", "cached_value", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        start, T, S = index.value, k_BxTxKxH.shape[1], key.value.shape[1]
+        key.value = jax.lax.dynamic_update_slice(key.value, k_BxTxKxH.astype(key.value.dtype), (0, start, 0, 0))
+        value.value = jax.lax.dynamic_update_slice(value.value, v_BxTxKxH.astype(value.value.dtype), (0, start, 0, 0))
+        index.value = start + T
+        mask_1x1xTxS = (jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None])[None, None]
+        return key.value, value.value, mask_1x1xTxS

@@ -1,0 +1,110 @@
+"""The decoder-only Transformer: embeddings, pre-norm blocks, final norm, output head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.config import ModelConfig
+from lm.model.attention import Attention
+from lm.model.layers import MLP, Kernels, make_norm, normal_init, sinusoidal_BxTxD
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, None) so nn.scan can stack it."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
+    kernels: Kernels = Kernels()
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+        cfg = self.cfg
+        x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h = Attention(cfg, self.decode, self.kernels, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD),
+                                                                   positions_BxT, mask_Bx1xTxT)
+        x_BxTxD = x_BxTxD + drop(h)
+        h = MLP(cfg, self.kernels, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
+        return x_BxTxD + drop(h), None
+
+
+def constrain(x_BxTxD: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Pins activations to be split by batch, so FSDP gathers weights, never activations.
+
+    A batch the sharding cannot split evenly (init traces one row) is left to the compiler.
+    """
+    if sharding is None:
+        return x_BxTxD
+    n = len(sharding.device_set)
+    batch_shards = n // sharding.shard_shape((n,) + x_BxTxD.shape[1:])[0]
+    if x_BxTxD.shape[0] % batch_shards:
+        return x_BxTxD
+    return jax.lax.with_sharding_constraint(x_BxTxD, sharding)
+
+
+def _block_class(cfg: ModelConfig) -> type[nn.Module]:
+    if cfg.remat == "none":
+        return Block
+    policy = None if cfg.remat == "block" else getattr(jax.checkpoint_policies, cfg.remat)
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+    """Maps token ids [B, T] to next-token logits [B, T, vocab_size].
+
+    `positions_BxT` (default 0..T-1) and `segment_ids_BxT` (documents packed in one row
+    never attend to each other) serve packed batches. `decode=True` keeps a KV cache
+    (see lm.model.attention.Attention) for generation; pass the absolute positions then.
+    `activation_sharding` (set by lm.training.runtime on a mesh) lays out every [B, T, D] block
+    input; `kernels` (also the runtime's) says how attention and the projections run.
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
+    kernels: Kernels = Kernels()
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
+        cfg = self.cfg
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        mask_Bx1xTxT = None
+        if segment_ids_BxT is not None:
+            mask_Bx1xTxT = (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
+
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="token_embed")
+        x_BxTxD = embed(tokens_BxT)
+        if cfg.position == "learned":
+            x_BxTxD += nn.Embed(cfg.max_seq_len, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                embedding_init=normal_init(cfg.init_std, ("position", "embed")),
+                                name="pos_embed")(positions_BxT)
+        elif cfg.position == "sinusoidal":
+            x_BxTxD += sinusoidal_BxTxD(positions_BxT, cfg.d_model).astype(x_BxTxD.dtype)
+        x_BxTxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxTxD)
+        block_args = (cfg, deterministic, self.decode, self.activation_sharding, self.kernels)
+
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxTxD, _ = stack(*block_args, name="blocks")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+        else:
+            for i in range(cfg.n_layers):
+                x_BxTxD, _ = block(*block_args, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+
+        x_BxTxD = make_norm(cfg, "final_norm")(constrain(x_BxTxD, self.activation_sharding))
+        if cfg.tie_embeddings:
+            return embed.attend(x_BxTxD)
+        return nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        kernel_init=normal_init(cfg.init_std, ("embed", "vocab")), name="head")(x_BxTxD)
+
+
+def count_params(params) -> int:
+    return sum(int(p.size) for p in jax.tree.leaves(params))

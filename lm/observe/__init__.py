@@ -1,0 +1,1 @@
+"""What a run reports: model FLOPs and MFU, metrics logs and TensorBoard, progress, profiles."""

@@ -1,0 +1,38 @@
+"""jax.profiler traces of chosen steps, under run_dir/profile.
+
+Open them in TensorBoard's profile plugin or in Perfetto (ui.perfetto.dev, the
+`*.trace.json.gz` file).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+
+from lm.rundir import PROFILE_DIR
+
+
+class Profiler:
+    """Traces steps [start_step, start_step + steps) with jax.profiler into run_dir/profile."""
+
+    def __init__(self, run_dir: pathlib.Path, start_step: int, steps: int):
+        self.directory = run_dir / PROFILE_DIR
+        self.start, self.stop = start_step, start_step + steps
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if step == self.start and self.stop > self.start and not self.active:
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.active = True
+
+    def after_step(self, done: int, state) -> None:
+        if self.active and done >= self.stop:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

@@ -1,0 +1,1 @@
+"""What users run around training: evaluation, generation, benchmarks, TPU compiles, plots, environment info."""

@@ -1,0 +1,243 @@
+"""Compile the real train step for a TPU topology on a CPU-only machine, and read its cost.
+
+    python -m lm.aot --config configs/llama_1b.yaml --topology v5e:2x4 [key=value ...] [--json]   (or lm aot)
+
+`libtpu` (the `tpu` extra) describes TPU chips without owning any: the step train.py would
+run (same `lm.training.runtime.build`: mesh, logical rules, shardings, dtypes, remat, batch) is
+lowered and compiled for those devices, and XLA's own memory and cost analyses say what
+one chip needs and how long the compiler expects a step to take. Every figure it prints
+is a compiler estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+
+import numpy as np
+
+from lm.config import Config, replace
+from lm.errors import LMError
+from lm.observe.flops import flops_per_token
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int  # HBM per chip
+    peak_bf16_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bandwidth: float  # bytes/s per chip
+    megacore: bool  # two TensorCores presented as one JAX device
+    source: str
+
+
+# Google Cloud TPU documentation, "key specifications" tables (HBM quoted there as 32/16/95/32 GB).
+CHIPS = {
+    "v4": Chip(32 * GIB, 275e12, 1200e9, True, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip(16 * GIB, 197e12, 819e9, False, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip(95 * GIB, 459e12, 2765e9, True, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip(32 * GIB, 918e12, 1640e9, False, "https://cloud.google.com/tpu/docs/v6e"),
+}
+TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+def _require_libtpu() -> None:
+    if importlib.util.find_spec("libtpu") is None:
+        raise LMError("compiling for TPU needs libtpu, which is not installed; run `pip install -e '.[tpu]'` "
+                      "(jax[tpu]: the libtpu your jax names).")
+    # No TPU is touched: quiet libtpu's host lookup and let it load beside other jax processes.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology_devices(topology: str) -> tuple[Chip, list]:
+    """(chip specs, abstract TPU devices, one per chip) for a name such as 'v5e:2x4' or 'v4:2x2x1'."""
+    match = TOPOLOGY.match(topology)
+    if not match:
+        raise LMError(f"--topology '{topology}' is not GENERATION:SHAPE with GENERATION one of "
+                      f"{', '.join(CHIPS)} (e.g. v5e:2x4, v6e:2x4, v4:2x2x1, v5p:2x2x1).")
+    _require_libtpu()
+    import jax
+    from jax.experimental import topologies
+
+    chip = CHIPS[match.group(1)]
+    kwargs = {"chip_config_name": "megacore"} if chip.megacore else {}
+    try:
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+    except jax.errors.JaxRuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise LMError(f"libtpu rejected --topology '{topology}' ({reason}); use a shape Cloud TPU offers, "
+                      "e.g. v5e:2x2, v5e:2x4, v4:2x2x1.") from None
+    return chip, list(desc.devices)
+
+
+def suggestions(cfg: Config, n_chips: int) -> list[str]:
+    """What to change when a step does not fit in one chip's HBM."""
+    out = []
+    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+    if micro > n_chips:
+        out.append(f"shrink the per-step micro-batch ({micro} sequences): lower train.batch_size or raise "
+                   "train.grad_accum_steps (same global batch, less activation memory)")
+    if cfg.model.remat in ("none", "everything_saveable", "dots_saveable"):
+        out.append("recompute activations in the backward pass: model.remat=block (or nothing_saveable)")
+    if cfg.parallel.fsdp == 1 and n_chips > 1:
+        out.append("shard parameters and optimizer state over the chips: parallel.fsdp=-1 parallel.data=1")
+    out.append("or use a topology with more chips, or chips with more HBM (v5p: 95 GiB)")
+    return out
+
+
+def _bytes_in(message: str) -> int:
+    """The first size such as '54.62G' in a compiler message, in bytes (0 when there is none)."""
+    match = re.search(r"(\d+(?:\.\d+)?)([KMGT])\b", message)
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2))) if match else 0
+
+
+def _compile(cfg: Config, devices):
+    """(runtime, TPU executable) of the train step train.py would run for `cfg` on `devices`."""
+    from lm.data.tokenizers import ByteTokenizer
+    from lm.training.runtime import build
+
+    rt = build(cfg, ByteTokenizer(), devices=devices)
+    return rt, rt.train_step.lower(rt.restore_target, rt.abstract_batch()).compile()
+
+
+def _cost(compiled) -> np.ndarray:
+    """[FLOPs, seconds, bytes accessed] of one chip's share, as XLA's cost analysis reports them."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per computation
+    return np.array([cost["flops"], cost.get("optimal_seconds", 0.0), cost.get("bytes accessed", 0.0)])
+
+
+def _optimizer_cost(rt) -> np.ndarray:
+    """Cost of the optimizer update alone (clipping, AdamW, apply), on the state's shardings."""
+    import jax
+    import optax
+
+    def update(params, opt_state):
+        updates, opt_state = rt.tx.update(params, opt_state, params)  # params stand in for gradients
+        return optax.apply_updates(params, updates), opt_state
+
+    s, target = rt.state_sharding, rt.restore_target
+    jitted = jax.jit(update, in_shardings=(s.params, s.opt_state), out_shardings=(s.params, s.opt_state))
+    return _cost(jitted.lower(target.params, target.opt_state).compile())
+
+
+def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str, bool]:
+    """Per-chip [FLOPs, seconds, bytes] of one whole train step, how it was obtained, and
+    whether the compiler's seconds are usable (XLA's `optimal_seconds` turns negative when
+    it cannot cost an operation, e.g. some collectives).
+
+    XLA's cost analysis counts a loop body once, whatever its trip count, so a step with
+    scanned layers or gradient accumulation is costed from loop-free compiles of one
+    micro-batch with 1 and 2 layers (the layer's cost is their difference), repeated per
+    micro-batch, with the optimizer update counted once.
+    """
+    m, t = cfg.model, cfg.train
+    if not m.scan_layers and t.grad_accum_steps == 1:
+        return _cost(compiled), "the compiled step", _cost(compiled)[1] > 0
+    micro = {"train.batch_size": t.batch_size // t.grad_accum_steps, "train.grad_accum_steps": 1,
+             "model.scan_layers": False}
+    one, two = (_cost(_compile(replace(cfg, **micro, **{"model.n_layers": n}), devices)[1]) for n in (1, 2))
+    micro_step = one + (m.n_layers - 1) * (two - one)
+    optimizer = _optimizer_cost(rt)
+    return (t.grad_accum_steps * (micro_step - optimizer) + optimizer,
+            "loop-free compiles of one micro-batch with 1 and 2 layers, extrapolated",
+            min(one[1], two[1], optimizer[1]) > 0)
+
+
+def analyse(cfg: Config, topology: str) -> dict:
+    """Compiles cfg's train step for `topology` and returns per-chip memory, cost and MFU estimates."""
+    import jax
+
+    from lm.data.tokenizers import ByteTokenizer
+    from lm.training.runtime import build
+
+    chip, devices = topology_devices(topology)
+    rt = build(cfg, ByteTokenizer(), devices=devices)
+    n = len(devices)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    model_flops = flops_per_token(rt.cfg.model, cfg.train.seq_len) * tokens
+    report = {
+        "topology": topology,
+        "device_kind": devices[0].device_kind,
+        "chips": n,
+        "mesh": dict(rt.mesh.shape),
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "remat": cfg.model.remat,
+        "params": int(sum(x.size for x in jax.tree.leaves(rt.abstract_state.params))),
+        "hbm_capacity_bytes": chip.hbm_bytes,
+        "model_flops_per_step": model_flops,
+        "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
+    }
+    try:
+        compiled = rt.train_step.lower(rt.restore_target, rt.abstract_batch()).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses a program that cannot fit; its message names the shortfall.
+        return {**report, "fits": False, "hbm_needed_bytes": _bytes_in(str(e)), "compiler_message":
+                str(e).splitlines()[0], "suggestions": suggestions(cfg, n)}
+    mem = compiled.memory_analysis()
+    # Sizes are per chip; aliased bytes (the donated state) are counted in both arguments and outputs.
+    hbm = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes \
+        + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+    (flops, optimal_s, bytes_accessed), cost_source, compiler_timed = step_cost(cfg, devices, rt, compiled)
+    # Roofline: the slower of the chip's peak FLOP/s and its HBM bandwidth (communication ignored).
+    roofline_s = max(flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bandwidth)
+    step_s = float(optimal_s) if compiler_timed else float(roofline_s)
+    peak = n * chip.peak_bf16_flops
+    fits = hbm <= chip.hbm_bytes
+    return {
+        **report,
+        "hbm_argument_bytes": int(mem.argument_size_in_bytes),
+        "hbm_output_bytes": int(mem.output_size_in_bytes),
+        "hbm_alias_bytes": int(mem.alias_size_in_bytes),
+        "hbm_temp_bytes": int(mem.temp_size_in_bytes),
+        "hbm_code_bytes": int(mem.generated_code_size_in_bytes),
+        "hbm_needed_bytes": int(hbm),
+        "fits": fits,
+        "compiler_flops_per_step": float(flops) * n,  # cost analysis counts one chip's share
+        "bytes_accessed_per_chip": float(bytes_accessed),
+        "compiler_optimal_s": float(optimal_s),
+        "roofline_step_s": float(roofline_s),
+        "estimated_step_s": step_s,
+        "step_time_source": "compiler optimal_seconds" if compiler_timed else
+        "roofline (compiler optimal_seconds unusable)",
+        "cost_source": cost_source,
+        "estimated_tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
+        "estimated_mfu": model_flops / (step_s * peak) if step_s > 0 else 0.0,
+        "estimated_hfu": flops * n / (step_s * peak) if step_s > 0 else 0.0,
+        "suggestions": [] if fits else suggestions(cfg, n),
+    }
+
+
+def format_report(r: dict) -> str:
+    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    header = (f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}, "
+              f"batch {r['batch_size']} x {r['seq_len']} (accum {r['grad_accum_steps']}), remat {r['remat']}, "
+              f"{r['params'] / 1e6:.1f}M params")
+    if "compiler_message" in r:
+        lines = [header, f"  HBM per chip    DOES NOT FIT in {gib(r['hbm_capacity_bytes'])}; the TPU compiler "
+                 f"refused it: {r['compiler_message']}"]
+        return "\n".join(lines + [f"  to fit: {s}" for s in r["suggestions"]])
+    lines = [
+        header,
+        "compiler estimates for one train step, not measurements:",
+        f"  HBM per chip    {gib(r['hbm_needed_bytes'])} of {gib(r['hbm_capacity_bytes'])}: {verdict}",
+        f"    arguments {gib(r['hbm_argument_bytes'])}, temporaries {gib(r['hbm_temp_bytes'])}, "
+        f"outputs {gib(r['hbm_output_bytes'])} (of which {gib(r['hbm_alias_bytes'])} reuse donated arguments)",
+        f"  FLOPs per step  {r['model_flops_per_step']:.3e} model (6N + attention), "
+        f"{r['compiler_flops_per_step']:.3e} compiled (incl. recomputation)",
+        f"  step time       {r['estimated_step_s'] * 1e3:.1f} ms ({r['estimated_tokens_per_s']:,.0f} tokens/s), "
+        f"from {r['step_time_source']}; costed from {r['cost_source']}",
+        f"  MFU             {r['estimated_mfu']:.1%} of {r['peak_bf16_flops_per_chip'] / 1e12:.0f} "
+        f"TFLOP/s bf16 per chip (hardware FLOPs utilisation {r['estimated_hfu']:.1%})",
+    ]
+    lines += [f"  to fit: {s}" for s in r["suggestions"]]
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Benchmark the exact train step of a config: tokens/s, step time, compile time, MFU, memory.
+
+    lm bench --config configs/shakespeare_char.yaml [key=value ...] [--json]
+             [--steps 10] [--warmup 2] [--max_seconds 120]
+    lm data bench --config C    the input pipeline alone, next to the train step
+
+The step is `lm.training.runtime.build(cfg).train_step`, the one train.py runs, compiled once,
+warmed up, then timed step by step (each waits for the device) until --steps steps or
+--max_seconds of timed steps (at least 3 steps), whichever comes first. The input pipeline is
+timed on its own (host-side batch assembly), so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import resource
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from lm.config import Config
+from lm.data import make_data, run_tokenizer
+from lm.data.text import TRAIN_STREAM, TextData, random_windows
+from lm.data.tokenizers import make_tokenizer
+from lm.errors import LMError
+from lm.observe.flops import flops_per_token, mfu, peak_flops
+from lm.parallel.cpu import split_cpu
+from lm.parallel.mesh import host_rows
+from lm.training.runtime import build
+
+SYNTHETIC_TOKENS = 1 << 20
+
+
+def load_tokens(cfg: Config, tokenizer) -> tuple[np.ndarray, str]:
+    """The training split of data.text_file, or random tokens (said so) when it cannot be read.
+
+    Step time does not depend on token values, so a benchmark can run without the corpus.
+    """
+    try:
+        return TextData.load(cfg.data, tokenizer, cfg.train.seq_len).train, cfg.data.text_file
+    except LMError as e:
+        print(f"note: benchmarking on random tokens: {e}", file=sys.stderr)
+        tokens = np.random.default_rng(0).integers(3, tokenizer.vocab_size, SYNTHETIC_TOKENS, dtype=np.int32)
+        return tokens, "synthetic (random tokens)"
+
+
+def pipeline_tokens_per_sec(tokens: np.ndarray, cfg: Config, seconds: float = 0.5) -> float:
+    """This host's batch assembly speed (random_windows alone), in global-batch tokens/s."""
+    rows, count, start = host_rows(cfg.train.batch_size), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        random_windows(tokens, cfg.seed, count, TRAIN_STREAM, cfg.train.batch_size, cfg.train.seq_len, rows)
+        count += 1
+    return count * cfg.train.batch_size * cfg.train.seq_len / (time.perf_counter() - start)
+
+
+def peak_memory(devices) -> tuple[int | None, str]:
+    """(largest peak bytes in use on any device, source); host peak RSS on CPU."""
+    stats = [d.memory_stats() for d in devices if d.process_index == jax.process_index()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    if peaks:
+        return max(peaks), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (CPU: no device memory stats)"
+
+
+def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = float("inf")) -> dict:
+    """Compiles and times `steps` steady-state train steps of `cfg`; returns the figures."""
+    if steps < 1 or warmup < 0:
+        raise LMError(f"--steps must be at least 1 and --warmup at least 0 (got {steps}, {warmup}).")
+    split_cpu(cfg)
+    tokenizer = make_tokenizer(cfg.data.tokenizer)
+    tokens, source = load_tokens(cfg, tokenizer)
+    rt = build(cfg, tokenizer)
+    cfg = rt.cfg
+    devices = list(rt.mesh.devices.flat)
+
+    def batch(i):
+        local = random_windows(tokens, cfg.seed, i, TRAIN_STREAM, cfg.train.batch_size, cfg.train.seq_len,
+                               host_rows(cfg.train.batch_size))
+        return rt.place_batch(local)
+
+    peak_flops(devices, cfg.model.dtype)  # on CPU: probed before and after the timed steps, best kept
+    state = rt.init(jax.random.key(cfg.seed))
+    start = time.perf_counter()
+    compiled = rt.train_step.lower(state, batch(0)).compile()
+    compile_sec = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+        placed = jax.block_until_ready(batch(i))
+        start = time.perf_counter()
+        state, metrics = compiled(state, placed)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            if sum(times) > max_seconds and len(times) >= 3:
+                break
+    if not np.isfinite(float(metrics["loss"])):
+        raise LMError(f"the benchmarked step produced a non-finite loss ({float(metrics['loss'])}); "
+                      "fix the config (e.g. lower optim.lr) before timing it.")
+
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    median = float(np.median(times))
+    tokens_per_sec = tokens_per_step / median
+    flops_per_tok = flops_per_token(cfg.model, cfg.train.seq_len)
+    total_peak, peak_source = peak_flops(devices, cfg.model.dtype, refresh=True)
+    memory, memory_source = peak_memory(devices)
+    return {
+        "platform": devices[0].platform, "device_kind": devices[0].device_kind, "n_devices": len(devices),
+        "dtype": cfg.model.dtype, "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+        "passes": rt.train_passes,
+        "tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / len(devices),
+        "step_sec_median": median, "step_sec_p10": float(np.percentile(times, 10)),
+        "step_sec_p90": float(np.percentile(times, 90)), "steps": len(times), "warmup": warmup,
+        "compile_sec": compile_sec, "flops_per_token": flops_per_tok,
+        "model_flops_per_sec": tokens_per_sec * flops_per_tok,
+        "peak_flops_per_sec": total_peak, "peak_source": peak_source,
+        "mfu": mfu(tokens_per_sec, flops_per_tok, total_peak),
+        "peak_memory_bytes": memory, "memory_source": memory_source,
+        "pipeline_tokens_per_sec": pipeline_tokens_per_sec(tokens, cfg), "data": source,
+    }
+
+
+def format_table(result: dict) -> str:
+    def number(value, fmt):
+        return "n/a" if value is None else fmt.format(value)
+
+    rows = [
+        ("device", f"{result['n_devices']} x {result['device_kind']} ({result['platform']}), {result['dtype']}"),
+        ("batch", f"{result['batch_size']} x {result['seq_len']} tokens in {result['passes']} "
+                  f"{'pass' if result['passes'] == 1 else 'passes'}"),
+        ("tokens/s", f"{result['tokens_per_sec']:,.0f} ({result['tokens_per_sec_per_device']:,.0f} per device)"),
+        ("step time", f"median {result['step_sec_median'] * 1e3:.1f} ms, p10 {result['step_sec_p10'] * 1e3:.1f}, "
+                      f"p90 {result['step_sec_p90'] * 1e3:.1f} ({result['steps']} steps after {result['warmup']})"),
+        ("compile", f"{result['compile_sec']:.1f} s"),
+        ("FLOPs/token", f"{result['flops_per_token'] / 1e6:,.1f} M (6N + causal attention)"),
+        ("MFU", number(result["mfu"], "{:.2%}") + f" of {number(result['peak_flops_per_sec'], '{:.3g}')} "
+                f"FLOP/s ({result['peak_source']})"),
+        ("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB ({result['memory_source']})"),
+        ("input pipeline", f"{result['pipeline_tokens_per_sec']:,.0f} tokens/s ({result['data']})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def data_bench(cfg: Config, batches: int = 50) -> dict:
+    """Tokens/s of the input pipeline alone (`batches` batches) next to tokens/s of the train step."""
+    split_cpu(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = run_tokenizer(cfg, pathlib.Path(tmp))
+    rt = build(cfg, tokenizer)
+    data = make_data(rt.cfg, tokenizer, rt.host_rows)
+    data.batch(0)  # start workers, open files
+    start, tokens = time.perf_counter(), 0
+    for step in range(1, batches + 1):
+        batch = data.batch(step)
+        tokens += int(np.asarray(batch.get("weights", np.ones_like(batch["targets"]))).sum())
+    pipeline_rate = tokens / (time.perf_counter() - start)
+
+    state = rt.init(jax.random.key(cfg.seed))
+    placed = [rt.place_batch(data.batch(step)) for step in range(4)]
+    state, metrics = rt.train_step(state, placed[0])  # compile
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch in placed[1:]:
+        state, metrics = rt.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    step_rate = 3 * cfg.train.batch_size * cfg.train.seq_len / (time.perf_counter() - start)
+    return {"pipeline_tokens_per_sec": pipeline_rate, "batches": batches, "workers": cfg.data.workers,
+            "step_tokens_per_sec": step_rate, "n_devices": rt.mesh.size,
+            "platform": rt.mesh.devices.flat[0].platform}

@@ -1,0 +1,99 @@
+"""`lm info`: the versions that matter, the backend and its devices, and known version mismatches.
+
+A mismatch is a package installed beside jax whose version jax's own metadata rules out
+(e.g. a libtpu other than the one `jax[tpu]` names, or a CUDA plugin built for another
+jax): pip can install such a pair, and it fails later in obscure ways.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+# Packages whose version a run depends on; the first two pairs must agree with jax's metadata.
+PACKAGES = ("lm", "jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
+            "jax-cuda13-pjrt", "flax", "optax", "orbax-checkpoint", "numpy")
+REQUIRERS = ("jax", "jax-cuda12-plugin", "jax-cuda13-plugin")  # whose pins on the others are checked
+ACCELERATOR_EXTRAS = ("tpu", "cuda", "cuda12", "cuda13")  # jax's extras that install a companion package
+
+
+def installed_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def requirements(versions: dict[str, str | None]) -> dict[str, list[str]]:
+    """Each installed requirer's requirement strings (jax's own, and the CUDA plugins')."""
+    return {name: importlib.metadata.requires(name) or [] for name in REQUIRERS if versions.get(name)}
+
+
+def mismatches(versions: dict[str, str | None], requires: dict[str, list[str]]) -> list[str]:
+    """One sentence per installed package whose version a requirer's metadata rules out.
+
+    A requirement counts when it has no marker or belongs to an accelerator extra (jax names
+    libtpu under `tpu`, the CUDA plugin under `cuda12`), since an installed package of that name
+    is the one jax will load; pins of other extras (e.g. jax's `minimum-jaxlib`) do not.
+    """
+    from packaging.requirements import Requirement
+
+    found = []
+    for requirer, lines in requires.items():
+        for line in lines:
+            req = Requirement(line)
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in ACCELERATOR_EXTRAS):
+                continue
+            have = versions.get(req.name)
+            if have is None or req.name not in PACKAGES or not req.specifier or req.specifier.contains(have, True):
+                continue
+            sentence = (f"{req.name} {have} is installed but {requirer} {versions[requirer]} asks for "
+                        f"{req.name}{req.specifier}; reinstall them together: {_fix(req.name, versions['jax'])}.")
+            if sentence not in found:
+                found.append(sentence)
+    return found
+
+
+def _fix(name: str, jax_version: str) -> str:
+    extra = "tpu" if name == "libtpu" else "cuda12" if "cuda12" in name else "cuda13" if "cuda13" in name else ""
+    return f"pip install 'jax[{extra}]=={jax_version}'" if extra else f"pip install 'jaxlib=={jax_version}'"
+
+
+def info() -> dict:
+    """Versions, mismatches, and what JAX sees: backend, device kind and counts, processes."""
+    versions = installed_versions()
+    report = {"lm": versions["lm"], "python": sys.version.split()[0], "machine": f"{platform.system()} "
+              f"{platform.machine()}", "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count(), "versions": versions,
+              "warnings": mismatches(versions, requirements(versions))}
+    try:
+        import jax
+
+        devices = jax.devices()
+        report.update(backend=jax.default_backend(), device_kind=devices[0].device_kind, devices=len(devices),
+                      local_devices=jax.local_device_count(), processes=jax.process_count())
+    except Exception as e:  # a broken accelerator install: still report the versions
+        report.update(backend=None, backend_error=str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+    return report
+
+
+def format_info(r: dict) -> str:
+    v = r["versions"]
+    cuda = ", ".join(f"{n} {v[n]}" for n in PACKAGES if "cuda" in n and v[n]) or "none"
+    lines = [
+        f"lm {r['lm']} | Python {r['python']} | {r['machine']} | {r['cores']} cores",
+        f"jax {v['jax']} | jaxlib {v['jaxlib']} | libtpu {v['libtpu'] or 'none'} | CUDA plugin {cuda}",
+        f"flax {v['flax']} | optax {v['optax']} | orbax-checkpoint {v['orbax-checkpoint']} | numpy {v['numpy']}",
+    ]
+    if r.get("backend"):
+        lines.append(f"backend {r['backend']}: {r['devices']} x {r['device_kind']} ({r['local_devices']} local), "
+                     f"{r['processes']} process(es)")
+    else:
+        lines.append(f"backend: JAX could not start ({r['backend_error']})")
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""The training loop: init or resume, step, log, validate, checkpoint.
+
+Running the same command again on a run_dir resumes from its newest checkpoint and
+continues exactly: dropout is a function of (seed, step), and the data source either is
+too (random windows) or restores its position from the checkpoint (packed documents).
+SIGTERM checkpoints the current step and exits 0; a NaN/Inf step stops the run before
+anything diverged is checkpointed, or is skipped (lm.training.guards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from lm import config as config_lib
+from lm import rundir
+from lm.config import Config
+from lm.data import make_data, run_tokenizer
+from lm.data.tokenizers import save_tokenizer
+from lm.model.decode import generate
+from lm.observe.flops import flops_per_token, mfu, peak_flops
+from lm.observe.log import MetricsLog
+from lm.observe.profiler import Profiler
+from lm.parallel.cpu import split_cpu
+from lm.parallel.mesh import maybe_initialize_distributed
+from lm.training.checkpoint import Checkpoints
+from lm.training.guards import NonfiniteWatch, Preemption
+from lm.training.runtime import Runtime, build
+
+
+def train(cfg: Config) -> list[dict]:
+    """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
+    # -- Devices: split the CPU into one device per core, join the other hosts.
+    split_cpu(cfg)
+    maybe_initialize_distributed(cfg.parallel)
+
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: profiler, log, checkpoints, preemption
+        preemption = cleanup.enter_context(contextlib.closing(Preemption(cfg.train.preemption_grace_s)))
+
+        # -- Build: the run's own tokenizer when resuming (or for an imported model), the
+        #    compiled steps and the data, all before anything is written.
+        tokenizer = run_tokenizer(cfg, pathlib.Path(cfg.run_dir))
+        rt = build(cfg, tokenizer)
+        data = make_data(rt.cfg, tokenizer, rt.host_rows)
+        run_dir = rundir.prepare(cfg)
+        ckpts = cleanup.enter_context(contextlib.closing(Checkpoints(
+            run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)))
+        meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
+
+        # -- Resume from the newest checkpoint (step 0 is an imported model's weights), or init.
+        start, skipped = ckpts.latest(), 0
+        if start is not None:
+            state, saved = ckpts.restore_state(start, rt.restore_target, expect=meta)
+            state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
+            data.restore(saved.get("data"))
+            print(f"resumed from {ckpts.directory}/{start}", flush=True)
+        else:
+            start, state = 0, rt.init(jax.random.key(cfg.seed))
+        if jax.process_index() == 0:  # written once the run is known to start (a failed start changes nothing)
+            rundir.save_config(cfg, run_dir)
+            save_tokenizer(tokenizer, run_dir)
+            print(rt.describe(), flush=True)
+        watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
+        log = cleanup.enter_context(contextlib.closing(MetricsLog(run_dir, start, cfg.train.steps,
+                                                                  cfg.log.tensorboard)))
+        profiler = cleanup.enter_context(contextlib.closing(Profiler(run_dir, cfg.profile.start_step,
+                                                                     cfg.profile.steps)))
+
+        # -- Throughput bookkeeping: model FLOPs per token against the devices' peak.
+        flops_per_tok = flops_per_token(rt.cfg.model, cfg.train.seq_len)
+        total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype)
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        prompt_P = _sample_prompt(rt, data)
+        records, pending, previous = [], None, None
+        last_time, last_step, preempted, done = time.perf_counter(), start, False, start
+
+        def flush():
+            """Logs the pending step's metrics (read from the device only now)."""
+            nonlocal pending, last_time, last_step
+            if pending is None:
+                return
+            step, metrics = pending
+            watch.check(step)
+            record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}}
+            if cfg.train.skip_nonfinite:
+                record["skipped_steps"] = watch.skipped
+            now = time.perf_counter()
+            rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+            record.update(tokens_per_sec=rate, mfu=mfu(rate, flops_per_tok, total_peak),
+                          eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
+            last_time, last_step, pending = now, step, None
+            records.append(record)
+            log.write(record)
+
+        # -- The loop. The host stays at most one step ahead: it reads step n-1's metrics while
+        #    step n runs. (A deeper queue gains nothing, and can deadlock XLA:CPU's in-process all-reduce.)
+        for step in range(start, cfg.train.steps):
+            profiler.before_step(step)
+            state, metrics = rt.train_step(state, rt.place_batch(data.batch(step)))
+            done = step + 1
+            watch.add(done, metrics["nonfinite"])
+            jax.block_until_ready(previous)
+            previous = metrics
+            flush()
+            profiler.after_step(done, state)
+            log.step(done)
+            if _is_due(done, cfg.log.every, cfg.train.steps) or done == start + 1:
+                pending = (done, metrics)
+
+            # -- Validation: nanoGPT's estimate over eval.batches fixed batches, and a text sample.
+            if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
+                flush()
+                watch.check(done)
+                record = {"step": done, "val_loss": validation_loss(rt, state.params, data)}
+                total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype, refresh=True)
+                records.append(record)
+                log.write(record)
+                if cfg.log.sample_tokens and cfg.log.tensorboard:
+                    log.tensorboard.text("sample", sample_text(rt, state.params, prompt_P, tokenizer), done)
+                last_time = time.perf_counter()
+
+            # -- Checkpoint on schedule, and on preemption (then stop).
+            preempted = preemption.reached(done)
+            if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):
+                watch.check(done)  # never checkpoint a diverged state
+                ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()})
+            if preempted:
+                break
+        flush()
+        watch.check(cfg.train.steps)
+        ckpts.wait()
+        if preempted:
+            print(f"preempted: checkpoint at step {done} written; run the same command to resume.", flush=True)
+        return records
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def validation_loss(rt: Runtime, params, data) -> float:
+    """Mean loss over eval.batches fixed validation batches (nanoGPT's estimate)."""
+    total, weight = 0.0, 0.0
+    for local in data.val_batches(rt.cfg.eval.batch_size or rt.cfg.train.batch_size):
+        loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
+        total, weight = total + float(loss_sum), weight + float(weight_sum)
+    return total / weight
+
+
+def _sample_prompt(rt: Runtime, data) -> np.ndarray:
+    """The first tokens of the first validation row: the prompt of the text samples."""
+    cfg = rt.cfg
+    row = next(iter(data.val_batches(cfg.eval.batch_size or cfg.train.batch_size)))["inputs"][0]
+    return row[:max(1, min(16, cfg.model.max_seq_len // 2))]
+
+
+def sample_text(rt: Runtime, params, prompt_P: np.ndarray, tokenizer) -> str:
+    """Decoded prompt + its greedy continuation of log.sample_tokens tokens (with the KV cache)."""
+    new_tokens = min(rt.cfg.log.sample_tokens, rt.cfg.model.max_seq_len - len(prompt_P))
+    continuation = generate(params, rt.cfg.model, prompt_P, new_tokens)[0]
+    return tokenizer.decode(np.concatenate([prompt_P, continuation]).tolist())

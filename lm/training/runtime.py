@@ -1,0 +1,175 @@
+"""Everything a config compiles into: model, mesh, optimizer, state shardings and the jitted steps.
+
+`build(cfg, tokenizer)` is the one assembly shared by training, evaluation, benchmarks and
+ahead-of-time compiles, so they all run exactly the step train.py runs. The two parallel
+modes differ only in how that step is mapped over the devices:
+
+- `mesh` (default): `jax.jit` with explicit shardings over a data x fsdp x tensor mesh,
+  the state donated.
+- `pmap`: `jax.pmap` over a one-axis mesh, the state replicated (stored as ordinary global
+  arrays, so checkpoints move between the modes), the batch reshaped to [devices, B/n, T]
+  and the step's `reduce` hook a psum, so loss and gradients are those of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from lm.config import Config, ModelConfig
+from lm.errors import LMError
+from lm.model import attention
+from lm.model.layers import Kernels
+from lm.model.transformer import Transformer
+from lm.parallel import mesh as mesh_lib
+from lm.parallel.cpu import chunk_tokens, train_passes
+from lm.parallel.matmul import cpu_compiler_options, dense_dot_general
+from lm.training.optim import make_optimizer
+from lm.training.step import TrainState, eval_step, init_state, train_step
+
+
+def resolve_model(cfg: ModelConfig, tokenizer) -> ModelConfig:
+    """Fills model.vocab_size from the tokenizer (or checks an explicit one is big enough)."""
+    if cfg.vocab_size == 0:
+        return dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise LMError(f"model.vocab_size={cfg.vocab_size} is below the tokenizer's {tokenizer.vocab_size} ids; "
+                      "raise it or set it to 0 to follow the tokenizer.")
+    return cfg
+
+
+def platform_kernels(cfg: ModelConfig, platform: str, packed: bool = False) -> Kernels:
+    """The model's kernels on `platform`: model.attention resolved, and the CPU's Dense matmul."""
+    return Kernels(attention=attention.resolve(cfg.attention, cfg.dtype, cfg.head_dim, packed, platform),
+                   dot_general=dense_dot_general(platform, cfg.remat))
+
+
+def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules, seq_len: int):
+    """(abstract TrainState, TrainState of NamedShardings): optimizer moments follow their parameters.
+
+    `rules` None replicates everything (pmap).
+    """
+    abstract_params, params_sharding = mesh_lib.param_shardings(model, mesh, rules, seq_len)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = mesh_lib.replicated(mesh)
+    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
+                                         transform_non_params=lambda _: replicated)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=abstract_params, opt_state=abstract_opt)
+    return abstract, TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """A compiled experiment: `init(rng)`, then `train_step(state, batch)` and `eval_step(params, batch)`."""
+
+    cfg: Config  # model.vocab_size resolved
+    model: Transformer
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: TrainState
+    state_sharding: TrainState
+    batch_sharding: NamedSharding
+    init: Callable
+    train_step: Callable
+    eval_step: Callable
+    train_passes: int  # micro-batches per update: train.grad_accum_steps, each chunked on CPU
+    mapped: bool  # pmap: batches carry a leading device axis
+
+    @property
+    def restore_target(self) -> TrainState:
+        return mesh_lib.with_shardings(self.abstract_state, self.state_sharding)
+
+    def describe(self) -> str:
+        """One line on where the step runs: devices, mesh axes, parameter count and CPU passes."""
+        device = self.mesh.devices.flat[0]
+        axes = " ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
+        n_params = sum(leaf.size for leaf in jax.tree.leaves(self.abstract_state.params))
+        line = (f"{self.mesh.size} x {device.device_kind} ({device.platform}) | {self.cfg.parallel.mode} {axes} | "
+                f"{n_params / 1e6:.2f}M parameters")
+        if self.train_passes > 1:
+            t = self.cfg.train
+            rows = t.batch_size // self.train_passes // mesh_lib.batch_ways(self.mesh)
+            line += f" | {self.train_passes} passes of {rows} x {t.seq_len} tokens per device"
+        return line
+
+    def host_rows(self, batch_size: int) -> np.ndarray:
+        """The rows of a global batch of `batch_size` that this process loads."""
+        return mesh_lib.host_rows(batch_size, self.batch_sharding)
+
+    def place_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mapped:
+            n_local = len(self.mesh.local_devices)
+            local_batch = {k: v.reshape((n_local, -1) + v.shape[1:]) for k, v in local_batch.items()}
+        return mesh_lib.to_global(local_batch, self.batch_sharding)
+
+    def place_step(self, step: int) -> jax.Array:
+        return jax.device_put(jnp.asarray(step, jnp.int32), self.state_sharding.step)
+
+    def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (batch_size or self.cfg.train.batch_size, self.cfg.train.seq_len)
+        if self.mapped:
+            shape = (self.mesh.size, shape[0] // self.mesh.size, shape[1])
+        spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        return {"inputs": spec, "targets": spec}
+
+
+def build(cfg: Config, tokenizer, devices=None) -> Runtime:
+    """Lays the config out on `devices` (default: all) and jits init, train and eval steps."""
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, tokenizer))
+    devices = list(devices if devices is not None else jax.devices())
+    mapped = cfg.parallel.mode == "pmap"
+    mesh = mesh_lib.make_mesh(cfg.parallel, devices)
+    mesh_lib.check_layout(cfg, mesh)
+    platform, ways = devices[0].platform, mesh_lib.batch_ways(mesh)
+    passes = train_passes(cfg, platform, ways)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    model = Transformer(cfg.model, activation_sharding=None if mapped else batch_sharding,
+                        kernels=platform_kernels(cfg.model, platform, packed=cfg.data.source == "tfds"))
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    rules = None if mapped else mesh_lib.logical_rules(cfg.model, mesh)
+    abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
+
+    init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
+                             grad_accum_steps=passes, skip_nonfinite=cfg.train.skip_nonfinite)
+    evaluate = functools.partial(eval_step, model=model, pass_tokens=chunk_tokens(cfg, platform),
+                                 batch_ways=1 if mapped else ways)
+    if mapped:
+        train_fn, eval_fn = _pmapped(step, evaluate, devices, state_sharding)
+    else:
+        options = cpu_compiler_options() if platform == "cpu" else None
+        train_fn = jax.jit(step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                           donate_argnums=0, compiler_options=options)
+        eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding), compiler_options=options)
+    return Runtime(cfg=cfg, model=model, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract_state,
+                   state_sharding=state_sharding, batch_sharding=batch_sharding, init=init, train_step=train_fn,
+                   eval_step=eval_fn, train_passes=passes, mapped=mapped)
+
+
+def _pmapped(step: Callable, evaluate: Callable, devices, state_sharding: TrainState) -> tuple[Callable, Callable]:
+    """The train and eval steps under jax.pmap: replicated state in, the global batch's sums out."""
+    psum = functools.partial(jax.lax.psum, axis_name=mesh_lib.PMAP_AXIS)
+    mapped_step = jax.pmap(functools.partial(step, reduce=psum), axis_name=mesh_lib.PMAP_AXIS, in_axes=(None, 0),
+                           out_axes=(None, None), devices=devices, donate_argnums=0)
+
+    def train_fn(state: TrainState, batch) -> tuple[TrainState, Any]:
+        state, metrics = mapped_step(state, batch)
+        return (_as_global(state, state_sharding) if jax.process_count() > 1 else state), metrics
+
+    eval_fn = jax.pmap(lambda params, batch: psum(evaluate(params, batch)), axis_name=mesh_lib.PMAP_AXIS,
+                       in_axes=(None, 0), out_axes=None, devices=devices)
+    return train_fn, eval_fn
+
+
+def _as_global(tree, shardings):
+    """pmap's replicated outputs are host-local on several hosts; view them as global arrays (no copy)."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_single_device_arrays(
+        x.shape, s, [shard.data for shard in x.addressable_shards]), tree, shardings)

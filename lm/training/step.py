@@ -1,0 +1,122 @@
+"""TrainState, the loss, and the pure train and eval steps.
+
+`train_step(state, batch) -> (state, metrics)` holds the whole update. Parallelism wraps
+it (jit over a mesh, or pmap); the only hook is `reduce`, which pmap sets to a psum.
+A batch is a dict of [B, T] arrays: `inputs`, `targets`, and optionally `weights`
+(0 masks a target out), `positions` and `segment_ids` (packed documents).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lm.parallel.cpu import pass_count
+
+Batch = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # completed updates, int32 scalar
+    params: Any
+    opt_state: Any
+
+
+def init_params(model: nn.Module, rng: jax.Array, seq_len: int):
+    """Unboxed float parameters of `model` (logical axis names are read separately)."""
+    variables = model.init({"params": rng}, jnp.zeros((1, seq_len), jnp.int32))
+    return nn.meta.unbox(variables)["params"]
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int) -> TrainState:
+    params = init_params(model, rng, seq_len)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _weights(batch: Batch) -> jax.Array:
+    if "weights" in batch:
+        return batch["weights"].astype(jnp.float32)
+    return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def token_losses(params, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Next-token cross-entropy per position [B, T], computed in float32."""
+    logits_BxTxV = model.apply(
+        {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+        deterministic=dropout_rng is None, rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
+
+
+def _split_micro(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...], micro-batch i taking every n-th row so each stays spread over devices."""
+    def split(x):
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+               reduce: Callable[[Any], Any] = lambda x: x) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on the global batch (mean loss over its weighted targets).
+
+    metrics['nonfinite'] is 1 when the loss or gradients hold a NaN or Inf. With
+    `skip_nonfinite` such an update is dropped (params and optimizer state stay as they
+    were) while the step still counts, so the next step sees the next batch.
+    """
+    step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    use_dropout = model.cfg.dropout > 0
+    total_weight = reduce(_weights(batch).sum())
+
+    def loss_fn(params, micro: Batch, rng: jax.Array):
+        losses_BxT = token_losses(params, model, micro, rng if use_dropout else None)
+        return (losses_BxT * _weights(micro)).sum() / total_weight
+
+    grad_fn = jax.value_and_grad(loss_fn)
+    if grad_accum_steps == 1:
+        loss, grads = grad_fn(state.params, batch, step_rng)
+    else:
+        def accumulate(carry, xs):
+            index, micro = xs
+            loss_i, grads_i = grad_fn(state.params, micro, jax.random.fold_in(step_rng, index))
+            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        micro_batches = _split_micro(batch, grad_accum_steps)
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
+    loss, grads = reduce((loss, grads))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: Batch, *, model: nn.Module, pass_tokens: int = 0,
+              batch_ways: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted target losses, sum of weights) for one batch, without dropout.
+
+    With `pass_tokens` > 0, each of the batch's `batch_ways` device shards is walked in
+    passes of at most that many tokens (`lm.parallel.cpu.pass_count`).
+    """
+    def sums(micro: Batch) -> tuple[jax.Array, jax.Array]:
+        weights_BxT = _weights(micro)
+        return (token_losses(params, model, micro) * weights_BxT).sum(), weights_BxT.sum()
+
+    rows, seq_len = batch["targets"].shape
+    passes = pass_count(rows // batch_ways, seq_len, pass_tokens)
+    if passes == 1:
+        return sums(batch)
+    per_pass = jax.lax.map(sums, _split_micro(batch, passes))
+    return jax.tree.map(jnp.sum, per_pass)

@@ -1,0 +1,52 @@
+"""`lm info`: versions, the backend, and a one-line warning for a companion package jax rules out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from lm.tools import info
+from tests.conftest import ROOT
+
+JAX_REQUIRES = [  # as jax 0.10.2's metadata states them
+    "jaxlib<=0.10.2,>=0.10.1",
+    'jaxlib==0.10.1; extra == "minimum-jaxlib"',
+    'jaxlib<=0.10.2,>=0.10.2; extra == "tpu"',
+    'libtpu==0.0.42.*; extra == "tpu"',
+    'jax-cuda13-plugin[with-cuda]<=0.10.2,>=0.10.2; extra == "cuda13"',
+]
+
+
+def versions(**overrides):
+    return {**{name: None for name in info.PACKAGES}, "jax": "0.10.2", "jaxlib": "0.10.2", **overrides}
+
+
+def test_matching_companions_give_no_warning():
+    assert info.mismatches(versions(libtpu="0.0.42"), {"jax": JAX_REQUIRES}) == []
+    assert info.mismatches(versions(**{"jax-cuda13-plugin": "0.10.2"}), {"jax": JAX_REQUIRES}) == []
+
+
+def test_a_libtpu_or_cuda_plugin_jax_does_not_name_is_one_sentence_with_the_fix():
+    [tpu] = info.mismatches(versions(libtpu="0.0.48"), {"jax": JAX_REQUIRES})
+    assert tpu.startswith("libtpu 0.0.48 is installed but jax 0.10.2 asks for libtpu==0.0.42.*")
+    assert "pip install 'jax[tpu]==0.10.2'" in tpu and "\n" not in tpu
+    [cuda] = info.mismatches(versions(**{"jax-cuda13-plugin": "0.11.2"}), {"jax": JAX_REQUIRES})
+    assert "jax-cuda13-plugin 0.11.2" in cuda and "jax[cuda13]" in cuda
+    [plugin] = info.mismatches(versions(**{"jax-cuda13-plugin": "0.10.2", "jax-cuda13-pjrt": "0.10.1"}),
+                               {"jax-cuda13-plugin": ["jax-cuda13-pjrt==0.10.2"]})
+    assert "jax-cuda13-pjrt 0.10.1" in plugin
+    # jaxlib 0.10.2 satisfies jax's own range; only the `minimum-jaxlib` extra (not an accelerator) pins 0.10.1.
+    assert info.mismatches(versions(jaxlib="0.10.0"), {"jax": JAX_REQUIRES})[0].startswith("jaxlib 0.10.0")
+
+
+def test_lm_info_on_this_machine_prints_the_cpu_and_no_warning():
+    env_free = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
+    text = subprocess.run([sys.executable, "-m", "lm.info"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env_free)
+    assert text.returncode == 0 and text.stderr == "", text.stderr
+    assert "backend cpu:" in text.stdout and "warning" not in text.stdout
+    report = json.loads(subprocess.run([sys.executable, "-m", "lm", "info", "--json"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=120, env=env_free).stdout)
+    assert report["backend"] == "cpu" and report["devices"] >= 1 and report["processes"] == 1
+    assert report["versions"]["jax"] and report["versions"]["flax"] and report["warnings"] == []
