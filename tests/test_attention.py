@@ -14,8 +14,9 @@ import pytest
 
 from lm.config import ModelConfig
 from lm.errors import LMError
-from lm.model.attention import resolve as attention_impl
+from lm.model.attention import attend, resolve as attention_impl
 from lm.model.transformer import Transformer
+from lm.training.runtime import platform_kernels
 from lm.training.step import init_params
 from tests.conftest import ROOT
 
@@ -46,13 +47,35 @@ def test_available_kernels_agree(dtype, tol):
     segments_BxT = jnp.asarray(np.repeat([[0, 1]], 16, axis=1).repeat(2, axis=0))
     outputs = {}
     for kernel in kernels:
-        model = Transformer(dataclasses.replace(base, attention=kernel))
+        cfg = dataclasses.replace(base, attention=kernel)
+        model = Transformer(cfg, kernels=platform_kernels(cfg, jax.default_backend(), packed=True))
         outputs[kernel] = [np.asarray(jax.jit(model.apply)({"params": params}, tokens_BxT, None, seg), np.float32)
                            for seg in (None, segments_BxT)]
     assert np.abs(outputs["xla"][0]).max() > 0.1
     for kernel in kernels[1:]:
         for ours, reference in zip(outputs[kernel], outputs["xla"]):
             np.testing.assert_allclose(ours, reference, atol=tol, rtol=0)
+
+
+def naive_attention(q, k, v, visible_TxS, scale):
+    """softmax over the visible keys, spelled out: [B, T, N, H] (k, v with K heads repeated to N)."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    weights = jax.nn.softmax(jnp.where(visible_TxS, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+@pytest.mark.parametrize("window,scale", [(None, None), (3, None), (1, None), (5, 0.5)])
+def test_attend_windows_and_scales_like_the_definition(window, scale):
+    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
+        jax.random.split(jax.random.key(0), 3), [(2, 9, 4, 8), (2, 9, 2, 8), (2, 9, 2, 8)]))
+    i, j = np.arange(9)[:, None], np.arange(9)[None, :]
+    visible = (j <= i) & ((i - (window or 99)) < j)
+    expected = naive_attention(q, k, v, visible, scale or 8 ** -0.5)
+    np.testing.assert_allclose(attend(q, k, v, window=window, scale=scale), expected, atol=1e-5)
+    if window == 1:  # each query sees only itself
+        np.testing.assert_allclose(attend(q, k, v, window=1), jnp.repeat(v, 2, axis=2), atol=1e-5)
 
 
 def attention_check(*args: str) -> subprocess.CompletedProcess:

@@ -35,13 +35,18 @@ def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str) -> str
 
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool = True,
-           implementation: str = "xla") -> jax.Array:
-    """softmax(q k^T / sqrt(H)) v over the keys each query may see: [B, T, N, H].
+           window: int | None = None, scale: float | None = None, implementation: str = "xla") -> jax.Array:
+    """softmax(scale * q k^T) v over the keys each query may see: [B, T, N, H].
 
-    `causal` hides later keys (query i sees keys j <= i); `mask_Bx1xTxS` (True = visible)
+    `causal` hides later keys (query i sees keys j <= i); `window` W (with `causal`) also hides
+    keys W or more positions back (visible iff i - W < j <= i); `mask_Bx1xTxS` (True = visible)
     hides more, e.g. other documents of a packed row, or cache slots not yet written.
+    `scale` defaults to 1 / sqrt(H).
     """
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=causal,
+    if window is not None and not causal:
+        raise ValueError("attend: a sliding window needs causal=True (put it in the mask otherwise)")
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale,
+                                        is_causal=causal, local_window_size=None if window is None else (window - 1, 0),
                                         implementation=implementation)
 
 
