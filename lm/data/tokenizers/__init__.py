@@ -29,7 +29,7 @@ class Tokenizer(Protocol):
 
     kind: str  # data.tokenizer: byte, sentencepiece or hf
     vocab_size: int
-    eos_id: int | None  # the id that ends a document (and generation); None if it has none
+    eos_ids: tuple[int, ...]  # ids that end a document (and stop generation); () if it has none
 
     def encode(self, text: str) -> np.ndarray: ...
 

@@ -13,7 +13,7 @@ class ByteTokenizer:
     kind = "byte"
     offset = 3
     vocab_size = 256 + offset
-    eos_id = EOS_ID
+    eos_ids = (EOS_ID,)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset

@@ -27,7 +27,7 @@ class HFTokenizer:
     """Wraps a `tokenizers.Tokenizer` (tokenizer.json) or a `sentencepiece` model (tokenizer.model)."""
 
     kind = "hf"
-    eos_id: int | None = None  # not recorded by the import yet
+    eos_ids: tuple[int, ...] = ()  # not recorded by the import yet
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)

@@ -40,7 +40,7 @@ class SentencePieceTokenizer:
     """Wraps a SentencePiece model held as bytes (so it pickles into grain workers)."""
 
     kind = "sentencepiece"
-    eos_id = EOS_ID
+    eos_ids = (EOS_ID,)
 
     def __init__(self, model_proto: bytes):
         import sentencepiece as spm
