@@ -1,17 +1,22 @@
-"""The shakespeare_cpu model and train step in idiomatic PyTorch, timed like `lm.bench`.
+"""The shakespeare_cpu model and training in idiomatic PyTorch: the step timed like `lm bench`,
+or a whole run timed like `train.py`.
 
 Same architecture (pre-norm GPT: learned positions, LayerNorm without bias, tanh-GELU MLP,
 causal scaled-dot-product attention, tied embeddings, no biases; --dropout on the embeddings
-and both residual branches, as lm.model does), same
-optimizer (AdamW with warmup + cosine, global-norm clipping at 1.0), same batch
-(12 x 64 byte tokens), float32. For comparing tokens/s on one machine:
+and both residual branches, as lm's model does), same optimizer (AdamW with warmup + cosine,
+global-norm clipping at 1.0), same batch (12 x 64 byte tokens), float32. For comparing
+tokens/s on one machine:
 
     pip install torch==2.13.0   # CPU wheel
     python benchmarks/torch_reference.py --steps 50 --warmup 5
     python -m lm.bench --config configs/shakespeare_cpu.yaml --steps 50 --warmup 5
 
-Options set the shape (--n_layers, --d_model, --batch_size, --seq_len, ...); --compile
-uses torch.compile.
+`--whole_run` trains `--steps` steps on the packaged tinyshakespeare (90/10 split, random
+windows), with nanoGPT's schedule of validation (`--eval_every`, `--eval_batches` batches)
+and checkpoints (`--checkpoint_every`, model and optimizer tensors as safetensors), printing
+the loss like train.py; its wall time is the whole process, imports included
+(benchmarks/vs_torch.py --whole_run times it against train.py). Options set the shape
+(--n_layers, --d_model, --batch_size, --seq_len, ...); --compile uses torch.compile.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
+import tempfile
 import time
 
 import numpy as np
@@ -69,14 +76,26 @@ class GPT(nn.Module):
         return self.final_norm(x_BxTxD) @ self.token_embed.weight.T  # tied head
 
 
+def byte_splits(path: pathlib.Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """lm's byte tokenizer (byte b = id b + 3) and its 90/10 split by characters."""
+    text = path.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    return tuple(torch.from_numpy(np.frombuffer(part.encode("utf-8"), np.uint8).astype(np.int64) + 3)
+                 for part in (text[:cut], text[cut:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("n_layers", 4), ("d_model", 128), ("n_heads", 4), ("batch_size", 12),
                           ("seq_len", 64), ("vocab_size", 259), ("steps", 50), ("warmup", 5), ("threads", 0),
-                          ("grad_accum", 1)):
+                          ("grad_accum", 1), ("eval_every", 250), ("eval_batches", 20), ("checkpoint_every", 250),
+                          ("log_every", 50)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--whole_run", action="store_true", help="a whole training run with validation and "
+                        "checkpoints on the packaged tinyshakespeare")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,17 +104,24 @@ def main() -> None:
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
-    total, warm = 2000, 100
+                            lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
+    total, warm = max(args.steps, 2000), 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (
         1 + math.cos(math.pi * min(max(s - warm, 0) / (total - warm), 1.0)))))
     forward = torch.compile(model) if args.compile else model
     rng = np.random.default_rng(0)
-    data = torch.from_numpy(rng.integers(3, args.vocab_size, 1 << 20).astype(np.int64))
+    if args.whole_run:
+        text = pathlib.Path(__file__).resolve().parents[1] / "lm" / "data" / "corpora" / "tinyshakespeare.txt"
+        data, val = byte_splits(text)
+    else:
+        data = torch.from_numpy(rng.integers(3, args.vocab_size, 1 << 20).astype(np.int64))
+
+    def windows_of(tokens):
+        starts = torch.from_numpy(rng.integers(0, len(tokens) - args.seq_len - 1, args.batch_size))
+        return tokens[starts[:, None] + torch.arange(args.seq_len + 1)]
 
     def step():
-        starts = torch.from_numpy(rng.integers(0, len(data) - args.seq_len - 1, args.batch_size))
-        windows = data[starts[:, None] + torch.arange(args.seq_len + 1)]
+        windows = windows_of(data)
         opt.zero_grad(set_to_none=True)
         for micro in windows.chunk(args.grad_accum):  # the mean gradient over the whole batch
             logits = forward(micro[:, :-1])
@@ -106,6 +132,9 @@ def main() -> None:
         sched.step()
         return loss.item()
 
+    if args.whole_run:
+        whole_run(args, model, forward, opt, step, lambda: windows_of(val))
+        return
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -117,6 +146,29 @@ def main() -> None:
                       "compile": args.compile, "grad_accum": args.grad_accum, "tokens_per_sec": args.batch_size * args.seq_len / median,
                       "step_sec_median": median, "step_sec_p10": float(np.percentile(times, 10)),
                       "step_sec_p90": float(np.percentile(times, 90)), "steps": args.steps}))
+
+
+def whole_run(args, model, forward, opt, step, val_windows) -> None:
+    """`args.steps` steps with validation and safetensors checkpoints on schedule, as train.py runs them."""
+    from safetensors.torch import save_file
+
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="torch_run_"))
+    for done in range(1, args.steps + 1):
+        loss = step()
+        if done % args.log_every == 0 or done == args.steps:
+            print(f"step {done:>6}/{args.steps} | loss {loss:.4f}", flush=True)
+        if done % args.eval_every == 0 or done == args.steps:
+            model.eval()
+            with torch.no_grad():
+                losses = [F.cross_entropy(forward(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()).item()
+                          for w in (val_windows() for _ in range(args.eval_batches))]
+            model.train()
+            print(f"step {done:>6}/{args.steps} | val_loss {sum(losses) / len(losses):.4f}", flush=True)
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+            moments = {f"opt.{i}.{name}": t for i, state in enumerate(opt.state.values())
+                       for name, t in state.items() if torch.is_tensor(t) and t.dim() > 0}
+            save_file({**tensors, **moments}, str(run_dir / f"step_{done}.safetensors"))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
-"""lm against the same model in PyTorch on this machine: tokens/s of each, rounds interleaved.
+"""lm against the same model in PyTorch on this machine, rounds interleaved: the step, or the whole run.
 
     pip install torch==2.13.0   # CPU wheel
     python benchmarks/vs_torch.py --config configs/shakespeare_cpu.yaml --rounds 3 --steps 60 --warmup 10
+    python benchmarks/vs_torch.py --config configs/shakespeare_cpu.yaml --rounds 3 --whole_run
 
-Each round runs `python -m lm.bench` (the config and overrides) and then
+Step mode: each round runs `python -m lm.bench` (the config and overrides) and then
 `benchmarks/torch_reference.py` with the config's shape (layers, width, heads, batch,
-sequence, dropout, gradient accumulation, byte vocabulary), each in a fresh process, so both see the same machine
-load over time. Prints every round and the median tokens/s of each side, and their ratio.
+sequence, dropout, gradient accumulation, byte vocabulary), each in a fresh process, so both
+see the same machine load over time. Prints every round and the median tokens/s of each
+side, and their ratio.
+
+Whole-run mode (`--whole_run`): each round times `python train.py --config C` (a fresh
+run_dir: imports, compiles, every step, validation, checkpoints, to the process's exit)
+against `torch_reference.py --whole_run` with the config's steps, learning rate, validation
+and checkpoint schedule, and prints the wall seconds of each, their ratio and both final
+validation losses.
 """
 
 from __future__ import annotations
@@ -14,9 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 from lm.config import load_config
 
@@ -34,28 +45,27 @@ def torch_args(cfg) -> list[str]:
             "--grad_accum", str(t.grad_accum_steps)]
 
 
-def last_json(command: list[str]) -> dict:
+def run(command: list[str]) -> tuple[str, float]:
+    """(stdout, wall seconds) of a fresh process; exits with its stderr if it fails."""
+    start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
     if done.returncode != 0:
         sys.exit(f"error: {' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for lm (the torch model follows the shape)")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
+def last_val_loss(stdout: str) -> float:
+    return float(re.findall(r"val_loss (\d+\.\d+)", stdout)[-1])
+
+
+def step_rounds(args, cfg) -> None:
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     lm_cmd = [sys.executable, "-m", "lm.bench", "--config", args.config, *args.overrides, *timing, "--json"]
     torch_cmd = [sys.executable, str(HERE / "torch_reference.py"), *torch_args(cfg), *timing]
     ours, theirs = [], []
     for i in range(args.rounds):
-        lm_result, torch_result = last_json(lm_cmd), last_json(torch_cmd)
+        lm_result = json.loads(run(lm_cmd)[0].strip().splitlines()[-1])
+        torch_result = json.loads(run(torch_cmd)[0].strip().splitlines()[-1])
         ours.append(lm_result["tokens_per_sec"])
         theirs.append(torch_result["tokens_per_sec"])
         print(f"round {i + 1}: lm {ours[-1]:,.0f} tokens/s ({lm_result['n_devices']} device(s), "
@@ -63,6 +73,40 @@ def main() -> None:
               flush=True)
     lm_median, torch_median = statistics.median(ours), statistics.median(theirs)
     print(f"median: lm {lm_median:,.0f} | torch {torch_median:,.0f} | lm / torch = {lm_median / torch_median:.2f}")
+
+
+def whole_run_rounds(args, cfg) -> None:
+    t, e = cfg.train, cfg.eval
+    torch_cmd = [sys.executable, str(HERE / "torch_reference.py"), "--whole_run", *torch_args(cfg),
+                 "--steps", str(t.steps), "--lr", str(cfg.optim.lr), "--eval_every", str(e.every),
+                 "--eval_batches", str(e.batches), "--checkpoint_every", str(cfg.checkpoint.every),
+                 "--log_every", str(cfg.log.every)]
+    ours, theirs = [], []
+    for i in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            lm_out, lm_sec = run([sys.executable, "train.py", "--config", args.config, *args.overrides,
+                                  f"run_dir={tmp}/run"])
+        torch_out, torch_sec = run(torch_cmd)
+        ours.append(lm_sec)
+        theirs.append(torch_sec)
+        print(f"round {i + 1}: lm {lm_sec:.1f} s (val_loss {last_val_loss(lm_out):.4f}) | torch {torch_sec:.1f} s "
+              f"(val_loss {last_val_loss(torch_out):.4f})", flush=True)
+    lm_median, torch_median = statistics.median(ours), statistics.median(theirs)
+    print(f"median wall: lm {lm_median:.1f} s | torch {torch_median:.1f} s | torch / lm = "
+          f"{torch_median / lm_median:.2f} (above 1: lm's whole run is faster)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60, help="step mode: timed steps")
+    parser.add_argument("--warmup", type=int, default=10, help="step mode: untimed steps")
+    parser.add_argument("--whole_run", action="store_true", help="time whole runs (train.py vs the torch script)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for lm (the torch model follows the shape)")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    (whole_run_rounds if args.whole_run else step_rounds)(args, cfg)
 
 
 if __name__ == "__main__":
