@@ -82,7 +82,7 @@ class _State(NamedTuple):
     prompt_BxL: jax.Array  # each row's prompt, left-aligned
     prompt_len_B: jax.Array
     keys_B: jax.Array  # each row's sampling key
-    cache: object  # the layers' KV cache; None without one
+    cache: object  # the layers' KV cache: () until the first prefill; None for the reference without one
 
 
 def _positions(length: int, batch: int, start=0) -> jax.Array:
@@ -103,7 +103,7 @@ def _refill(params, cfg: ModelConfig, recent_BxL, length: int):
     return _cached_apply(params, cfg, cache, recent_BxL[:, L - length:], _positions(length, B))
 
 
-def _next_logits(params, state: _State, *, cfg: ModelConfig, shift: int, first: bool):
+def _next_logits(params, state: _State, *, cfg: ModelConfig, shift: int, first: int):
     """(cache, logits [B, V] of token state.n) over the window of token n."""
     B, L = state.recent_BxL.shape
     n = state.n
@@ -163,6 +163,20 @@ def _rows(prompt_ids) -> list[np.ndarray]:
     return rows
 
 
+def _initial_state(rows: list[np.ndarray], seeds: Sequence[int], L: int, use_cache: bool) -> _State:
+    """Before the first step: every row holds the shortest prompt's length of its own prompt."""
+    lengths = np.array([len(row) for row in rows], np.int32)
+    first = int(lengths.min())
+    prompt_BxL = np.zeros((len(rows), L), np.int32)
+    for b, row in enumerate(rows):
+        prompt_BxL[b, :len(row)] = row
+    recent_BxL = np.zeros_like(prompt_BxL)
+    recent_BxL[:, L - first:] = prompt_BxL[:, :first]
+    keys_B = jnp.stack([jax.random.key(s) for s in seeds])
+    return _State(jnp.asarray(recent_BxL), jnp.int32(first), jnp.asarray(prompt_BxL), jnp.asarray(lengths), keys_B,
+                  () if use_cache else None)
+
+
 def stream(params, cfg: ModelConfig, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(),
            seed: int | Sequence[int] = 0, *, eos_ids: Sequence[int] = (), use_cache: bool = True,
            shift: int | None = None, chunk: int = CHUNK) -> Iterator[tuple[list[np.ndarray], list[str | None]]]:
@@ -184,17 +198,9 @@ def stream(params, cfg: ModelConfig, prompt_ids, max_new_tokens: int, sampling: 
         raise LMError(f"the window shift {shift} must be between 1 and the context length {L}.")
     seeds = [seed + b for b in range(len(rows))] if isinstance(seed, int) else list(seed)
     rows = [row[window_start(len(row), L, shift):] for row in rows]  # earlier tokens are never seen
-    lengths = np.array([len(row) for row in rows], np.int32)
-    first = int(lengths.min())
-    prompt_BxL = np.zeros((len(rows), L), np.int32)
-    for b, row in enumerate(rows):
-        prompt_BxL[b, :len(row)] = row
-    recent_BxL = np.zeros_like(prompt_BxL)
-    recent_BxL[:, L - first:] = prompt_BxL[:, :first]
+    state = _initial_state(rows, seeds, L, use_cache)
+    lengths, first = np.asarray(state.prompt_len_B), int(state.n)
     cfg = dataclasses.replace(cfg, dropout=0.0, remat="none")
-    keys_B = jnp.stack([jax.random.key(s) for s in seeds])
-    state = _State(jnp.asarray(recent_BxL), jnp.int32(first), jnp.asarray(prompt_BxL), jnp.asarray(lengths), keys_B,
-                   () if use_cache else None)
     static = dict(cfg=cfg, sampling=sampling, shift=shift)
     state, tokens_Bx1 = _first(params, state, first=first, **static)
 
