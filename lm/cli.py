@@ -243,8 +243,9 @@ def _generate_bench(args, run, prompts: list[str]) -> None:
         return
     lengths = sorted({len(i) for i in ids})
     span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
-    print(f"greedy decoding of {args.max_new_tokens} new tokens after {span}-token prompts on {device.platform} "
-          f"({device.device_kind}); new tokens/s of the whole batch:")
+    kind = "" if device.device_kind == device.platform else f" ({device.device_kind})"
+    print(f"greedy decoding of {args.max_new_tokens} new tokens after {span}-token prompts on {device.platform}"
+          f"{kind}; new tokens/s of the whole batch:")
     for r in rows:
         print(f"  batch {r['batch']:>3}: {r['with_cache']:,.1f} tok/s with the KV cache | "
               f"{r['without_cache']:,.1f} without ({r['with_cache'] / r['without_cache']:.1f}x)")

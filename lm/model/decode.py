@@ -3,8 +3,8 @@
 The window. A model sees at most L = max_seq_len tokens, so token n (counting the prompt's
 from 0) is drawn from the logits of a forward pass over tokens[a(n):n], where a(n) = 0 while
 n <= L and otherwise the smallest multiple of the shift C with n - a(n) <= L (`window_start`).
-The window slides C tokens at a time and always holds between L - C + 1 and L tokens; C = 1
-is nanoGPT's crop to the last L tokens at every step. The same rule holds for every position
+Once the context is full the window slides C tokens at a time and holds between L - C + 1
+and L tokens; C = 1 is nanoGPT's crop to the last L tokens at every step. The same rule holds for every position
 kind (learned, sinusoidal, RoPE); tokens before a window are never seen again.
 
 With the KV cache, the window's keys and values are cached and a new token costs one
@@ -13,9 +13,9 @@ tokens (one prefill every C tokens). Without it (the reference) every token re-r
 model over its window. Both draw the same tokens.
 
 Rows of a batch may have prompts of different lengths: rows are aligned at their first
-token and a longer prompt's extra tokens are fed in place of the sampled ones. Row b draws
-with its own key (seed + b by default, folded with its new-token index), so a row's samples
-do not depend on the batch around it. The device runs `chunk` steps per call; `stream`
+token, a shared part is prefilled and each prompt's remaining tokens are fed in place of
+sampled ones. Row b draws with its own key (seed + b by default, folded with its new-token
+index), so a row's samples do not depend on the batch around it. The device runs `chunk` steps per call; `stream`
 yields each chunk's tokens as they arrive and stops every row at its own end id.
 The text-in, text-out helpers and the command line are in lm.tools.generate and lm.cli.
 """
@@ -164,9 +164,12 @@ def _rows(prompt_ids) -> list[np.ndarray]:
 
 
 def _initial_state(rows: list[np.ndarray], seeds: Sequence[int], L: int, use_cache: bool) -> _State:
-    """Before the first step: every row holds the shortest prompt's length of its own prompt."""
+    """Before the first step: every row holds the first `first` tokens of its prompt, where `first` is the
+    prompts' length, or for prompts of different lengths the power of two at or below the shortest
+    (so batches of many prompts compile a few prefills, not one per length)."""
     lengths = np.array([len(row) for row in rows], np.int32)
     first = int(lengths.min())
+    first = first if (lengths == first).all() else 1 << (first.bit_length() - 1)
     prompt_BxL = np.zeros((len(rows), L), np.int32)
     for b, row in enumerate(rows):
         prompt_BxL[b, :len(row)] = row
