@@ -196,15 +196,15 @@ def _cli_json(capsys, *argv) -> list[dict]:
 @pytest.mark.slow
 def test_cli_any_length_streamed_samples_prompt_files(trained, tmp_path, capsys, monkeypatch):
     run = ["--run_dir", trained]
-    # 200 new tokens from a 64-token context; the streamed text is the non-streamed text.
+    # 500 new tokens from a 64-token context; the streamed text is the non-streamed text.
     capsys.readouterr()
-    cli_main(["generate", *run, "--prompt", "ROMEO:", "--max_new_tokens", "200", "--seed", "4", "--ignore_eos"])
+    cli_main(["generate", *run, "--prompt", "ROMEO:", "--max_new_tokens", "500", "--seed", "4", "--ignore_eos"])
     streamed = capsys.readouterr().out
-    text = tools.generate_text(trained, "ROMEO:", 200, gen.Sampling(0.8), seed=4, ignore_eos=True)
+    text = tools.generate_text(trained, "ROMEO:", 500, gen.Sampling(0.8), seed=4, ignore_eos=True)
     assert streamed == "ROMEO:" + text + "\n"
-    [record] = _cli_json(capsys, *run, "--prompt", "ROMEO:", "--max_new_tokens", "200", "--seed", "4",
+    [record] = _cli_json(capsys, *run, "--prompt", "ROMEO:", "--max_new_tokens", "500", "--seed", "4",
                          "--ignore_eos", "--json")
-    assert len(record["tokens"]) == 200 and record["stop_reason"] == "max_new_tokens" and record["text"] == text
+    assert len(record["tokens"]) == 500 and record["stop_reason"] == "max_new_tokens" and record["text"] == text
 
     # Three samples: seeds 0, 1, 2, three different texts.
     records = _cli_json(capsys, *run, "--prompt", "ROMEO:", "--max_new_tokens", "24", "--num_samples", "3", "--json")
