@@ -205,8 +205,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "eval_config_of_other_shape": (lambda c: eval_args(c.copy_with(
         "config.yaml", lambda t: t.replace("d_model: 64", "d_model: 32"))), "different model (d_model 64 there, 32 here)"),
     # lm generate
-    "generate_empty_prompt_file": (lambda c: generate_args(c.trained, "--prompt_file", str(c.file("p.txt", " \n"))),
-                                   "is empty"),
+    "generate_empty_prompt_file": (lambda c: generate_args(c.trained, "--prompt_file", str(c.file(
+        "p.txt", " \n"))), "is empty"),
     "generate_prompt_not_utf8": (lambda c: generate_args(c.trained, "--prompt", "caf\udce9"),
                                  "is not valid UTF-8 text"),
     "generate_empty_prompt": (lambda c: generate_args(c.trained, "--prompt", ""), "encodes to no tokens"),
