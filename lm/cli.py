@@ -14,6 +14,7 @@ LMError) ends as one line `error: ...` on stderr and exit code 2; `--debug` show
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Callable
@@ -70,16 +71,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="data.source=tfds: the split to score (default: data.eval_split)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = command("generate", _generate, "Generate text from a run.")
+    p = command("generate", _generate, "Generate text from a run.",
+                epilog="Example: python -m lm.generate --run_dir runs/shakespeare_cpu --prompt ROMEO: "
+                       "--max_new_tokens 500")
     p.add_argument("--run_dir", required=True, help="directory train.py (or lm hf import) wrote")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt_file", help="continue the text of this UTF-8 file (a long prompt)")
+    prompt.add_argument("--prompts", help="continue each line of this UTF-8 file, decoded in batches")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="new tokens per sample, any number (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="sample within this probability mass (1: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sample k (from 0, in output order) draws with seed + k")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--batch_size", type=int, default=16, help="samples decoded together (default 16)")
+    p.add_argument("--ignore_eos", action="store_true", help="do not stop at the tokenizer's end-of-text id")
+    p.add_argument("--json", action="store_true", help="print one JSON object per sample")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    p.add_argument("--bench", action="store_true", help="print tokens/s with and without the KV cache")
+    p.add_argument("--bench", action="store_true",
+                   help="print greedy tokens/s for one prompt and a batch, with and without the KV cache")
 
     hf = command("hf", None, "Hugging Face import and export.")
     hf_sub = hf.add_subparsers(dest="hf_command", required=True, metavar="import|export")
@@ -159,25 +170,85 @@ def _eval(args) -> None:
 
 def _generate(args) -> None:
     from lm.model.decode import Sampling
-    from lm.tools.generate import benchmark, continue_text
+    from lm.tools.generate import Generation, check_counts, read_prompts
     from lm.training.restore import restore_run
 
+    check_counts(args.max_new_tokens, args.num_samples, args.batch_size)
+    prompts = read_prompts(args.prompt, args.prompt_file, args.prompts)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     sampling.check()
     run = restore_run(args.run_dir, args.step, batch_size=1)
     if args.bench:
-        import jax
-
-        rates = benchmark(run.params, run.cfg.model, run.tokenizer.encode(args.prompt), args.max_new_tokens)
-        print(f"{args.max_new_tokens} new tokens on {jax.devices()[0].platform}: "
-              f"{rates['with_cache']:,.1f} tok/s with KV cache | {rates['without_cache']:,.1f} tok/s without "
-              f"({rates['with_cache'] / rates['without_cache']:.1f}x)")
+        _generate_bench(args, run, prompts)
         return
-    text, cut = continue_text(run, args.prompt, args.max_new_tokens, sampling, args.seed)
-    if cut:
-        print(f"note: prompt cut to fit the {run.cfg.model.max_seq_len}-token context with "
-              f"{args.max_new_tokens} new tokens", file=sys.stderr)
-    print(args.prompt + text)
+    gen = Generation(run, prompts, args.max_new_tokens, sampling, args.seed, args.num_samples, args.ignore_eos,
+                     args.batch_size)
+    if gen.long_prompts:
+        print(f"note: {gen.long_prompts} prompt(s) longer than the {run.cfg.model.max_seq_len}-token context: "
+              "the model sees the end of each", file=sys.stderr)
+    live = len(gen.samples) == 1 and not args.json  # one sample: its text appears as it is generated
+    if live:
+        _write(prompts[0])
+    shown = 0
+    try:
+        for texts in gen:
+            if live:
+                _write("".join(text for _, text in texts))
+            else:
+                shown = _show_samples(gen, shown, len(prompts), args)
+    except KeyboardInterrupt:
+        texts = gen.interrupt()
+        if live:
+            _write("".join(text for _, text in texts) + "\n")
+        else:
+            _show_samples(gen, shown, len(prompts), args)
+        print(f"interrupted after {sum(len(s.tokens) for s in gen.samples)} new tokens", file=sys.stderr)
+        sys.exit(130)
+    if live:
+        _write("\n")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _show_samples(gen, shown: int, n_prompts: int, args) -> int:
+    """Prints the samples from `shown` on that have stopped, in order; returns how many are shown now."""
+    while shown < len(gen.samples) and gen.samples[shown].stop_reason is not None:
+        s = gen.samples[shown]
+        if args.json:
+            print(json.dumps(dataclasses.asdict(s)), flush=True)
+        else:
+            where = [f"prompt {shown // args.num_samples + 1}/{n_prompts}"] if n_prompts > 1 else []
+            where += [f"sample {s.sample + 1}/{args.num_samples} (seed {s.seed})"] if args.num_samples > 1 else []
+            header = f"--- {', '.join(where)} ---\n" if where else ""
+            print(header + s.prompt + s.text, flush=True)
+        shown += 1
+    return shown
+
+
+def _generate_bench(args, run, prompts: list[str]) -> None:
+    import jax
+
+    from lm.tools.generate import benchmark, encode_prompt
+
+    ids = [encode_prompt(run.tokenizer, run.cfg.model.vocab_size, p) for p in prompts][:args.batch_size]
+    ids = ids if len(ids) > 1 else ids * args.batch_size  # one prompt: a batch of copies
+    rows = benchmark(run.params, run.cfg.model, ids, args.max_new_tokens)
+    device = jax.devices()[0]
+    if args.json:
+        print(json.dumps({"max_new_tokens": args.max_new_tokens, "prompt_tokens": [len(i) for i in ids],
+                          "platform": device.platform, "device_kind": device.device_kind, "rows": rows}))
+        return
+    lengths = sorted({len(i) for i in ids})
+    span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+    kind = "" if device.device_kind == device.platform else f" ({device.device_kind})"
+    print(f"greedy decoding of {args.max_new_tokens} new tokens after {span}-token prompts on {device.platform}"
+          f"{kind}; new tokens/s of the whole batch:")
+    for r in rows:
+        print(f"  batch {r['batch']:>3}: {r['with_cache']:,.1f} tok/s with the KV cache | "
+              f"{r['without_cache']:,.1f} without ({r['with_cache'] / r['without_cache']:.1f}x)")
 
 
 def _hf_import(args) -> None:

@@ -107,6 +107,10 @@ def eval_args(run, *extra) -> list[str]:
     return ["eval.py", "--run_dir", str(run), *extra]
 
 
+def generate_args(run, *extra) -> list[str]:
+    return ["-m", "lm.generate", "--run_dir", str(run), *extra]
+
+
 PWNED = "pwned-by-yaml"
 GPT2_CONFIG = ('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2, "n_embd": 32, '
                '"n_head": 4, "n_positions": 64, "vocab_size": 300}')
@@ -200,6 +204,16 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                                    "not a valid tokenizer file"),
     "eval_config_of_other_shape": (lambda c: eval_args(c.copy_with(
         "config.yaml", lambda t: t.replace("d_model: 64", "d_model: 32"))), "different model (d_model 64 there, 32 here)"),
+    # lm generate
+    "generate_empty_prompt_file": (lambda c: generate_args(c.trained, "--prompt_file", str(c.file(
+        "p.txt", " \n"))), "is empty"),
+    "generate_prompt_not_utf8": (lambda c: generate_args(c.trained, "--prompt", "caf\udce9"),
+                                 "is not valid UTF-8 text"),
+    "generate_empty_prompt": (lambda c: generate_args(c.trained, "--prompt", ""), "encodes to no tokens"),
+    "generate_num_samples_zero": (lambda c: generate_args(c.trained, "--prompt", "ROMEO:", "--num_samples", "0"),
+                                  "--num_samples=0 must be at least 1"),
+    "generate_without_checkpoints": (lambda c: generate_args(without_checkpoints(c), "--prompt", "ROMEO:"),
+                                     "has no checkpoints yet"),
     # Hugging Face directories
     "hf_unsupported_architecture": (lambda c: hf_import(hf_dir(c, '{"architectures": ["MambaForCausalLM"]}', {
         "model.safetensors": b"x"}), c), "lm imports only LlamaForCausalLM and GPT2LMHeadModel"),

@@ -69,18 +69,22 @@ def read_text(cfg: DataConfig) -> str:
         raise LMError("no training data: set data.text_file=PATH to a UTF-8 text file "
                       "(or builtin:tinyshakespeare, see lm data list).")
     path = text_path(cfg.text_file, cfg.sha256, cfg.cache_dir)
+    return read_utf8(path, f"data.text_file '{path}'")
+
+
+def read_utf8(path: pathlib.Path, what: str) -> str:
+    """The UTF-8 text of `path` (`what` names it in the message when it is missing, empty or binary)."""
     if not path.is_file():
-        raise LMError(f"data.text_file '{path}' does not exist or is not a file; pass a UTF-8 text file.")
+        raise LMError(f"{what} does not exist or is not a file; pass a UTF-8 text file.")
     raw = path.read_bytes()
     if not raw.strip():
-        raise LMError(f"data.text_file '{path}' is empty; pass a file with text in it.")
+        raise LMError(f"{what} is empty; pass a file with text in it.")
     if b"\x00" in raw:
-        raise LMError(f"data.text_file '{path}' looks binary (it holds NUL bytes); pass a UTF-8 text file.")
+        raise LMError(f"{what} looks binary (it holds NUL bytes); pass a UTF-8 text file.")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LMError(f"data.text_file '{path}' is not UTF-8 (bad byte at offset {e.start}); "
-                      "convert it to UTF-8 first.") from None
+        raise LMError(f"{what} is not UTF-8 (bad byte at offset {e.start}); convert it to UTF-8 first.") from None
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

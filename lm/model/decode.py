@@ -1,15 +1,31 @@
-"""Decoding with a KV cache: greedy or temperature / top-k / top-p sampling, as pure functions.
+"""Decoding: greedy or temperature / top-k / top-p sampling, any number of new tokens, in batches.
 
-The prompt is run once through the model (prefill), filling each layer's key/value cache;
-every new token then costs one position. A prompt that does not fit the context with the
-new tokens keeps only its last `max_seq_len - max_new_tokens` tokens. The command line and
-the text-in, text-out helpers are in lm.tools.generate.
+The window. A model sees at most L = max_seq_len tokens, so token n (counting the prompt's
+from 0) is drawn from the logits of a forward pass over tokens[a(n):n], where a(n) = 0 while
+n <= L and otherwise the smallest multiple of the shift C with n - a(n) <= L (`window_start`).
+Once the context is full the window slides C tokens at a time and holds between L - C + 1
+and L tokens; C = 1 is nanoGPT's crop to the last L tokens at every step. The same rule holds for every position
+kind (learned, sinusoidal, RoPE); tokens before a window are never seen again.
+
+With the KV cache, the window's keys and values are cached and a new token costs one
+position; when the window slides, the cache is refilled from the new window's L - C + 1
+tokens (one prefill every C tokens). Without it (the reference) every token re-runs the
+model over its window. Both draw the same tokens.
+
+Rows of a batch may have prompts of different lengths: rows are aligned at their first
+token, a shared part is prefilled and each prompt's remaining tokens are fed in place of
+sampled ones. Row b draws with its own key (seed + b by default, folded with its new-token
+index), so a row's samples do not depend on the batch around it. The device runs `chunk` steps per call; `stream`
+yields each chunk's tokens as they arrive and stops every row at its own end id.
+The text-in, text-out helpers and the command line are in lm.tools.generate and lm.cli.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +34,8 @@ import numpy as np
 from lm.config import ModelConfig
 from lm.errors import LMError
 from lm.model.transformer import Transformer
+
+CHUNK = 16  # decoding steps per device call: the granularity of streaming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +50,7 @@ class Sampling:
 
 
 def sample(logits_BxV: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
-    """Next ids [B] from the last position's logits."""
+    """Next ids [B] from the last position's logits; `rng` is one key, or one key per row ([B])."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if s.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -46,73 +64,187 @@ def sample(logits_BxV: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
         keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < s.top_p  # the top token is always kept
         cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
         logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
-    return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
+    draw = jax.vmap(jax.random.categorical) if rng.shape else jax.random.categorical
+    return draw(rng, logits_BxV).astype(jnp.int32)
 
 
-def _positions(start, length: int, batch: int) -> jax.Array:
+def window_start(n, max_seq_len: int, shift: int):
+    """a(n): the first token of the window that token n is drawn from (a Python or a traced integer)."""
+    start = -(-(n - max_seq_len) // shift) * shift  # a multiple of shift, so a(n) grows in steps of shift
+    return jnp.maximum(start, 0) if isinstance(n, jax.Array) else max(start, 0)
+
+
+class _State(NamedTuple):
+    """What the device carries from one decoding step to the next."""
+
+    recent_BxL: jax.Array  # the last L tokens of each row, right-aligned (zeros before the first)
+    n: jax.Array  # the index of the next token (the same for every row)
+    prompt_BxL: jax.Array  # each row's prompt, left-aligned
+    prompt_len_B: jax.Array
+    keys_B: jax.Array  # each row's sampling key
+    cache: object  # the layers' KV cache: () until the first prefill; None for the reference without one
+
+
+def _positions(length: int, batch: int, start=0) -> jax.Array:
     return jnp.broadcast_to(start + jnp.arange(length), (batch, length))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
-def _generate_cached(params, prompt_BxP, rng, *, cfg: ModelConfig, max_new_tokens: int, sampling: Sampling):
-    model = Transformer(cfg, decode=True)
-    B, P = prompt_BxP.shape
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((B, P + max_new_tokens), jnp.int32)))
+def _cached_apply(params, cfg: ModelConfig, cache, tokens_BxT, positions_BxT):
+    logits_BxTxV, updated = Transformer(cfg, decode=True).apply(
+        {"params": params, "cache": cache}, tokens_BxT, positions_BxT, mutable=["cache"])
+    return updated["cache"], logits_BxTxV[:, -1]
+
+
+def _refill(params, cfg: ModelConfig, recent_BxL, length: int):
+    """A fresh cache holding the last `length` tokens of `recent_BxL` at positions 0.., and the next logits."""
+    B, L = recent_BxL.shape
+    shapes = jax.eval_shape(lambda: Transformer(cfg, decode=True).init(jax.random.key(0), recent_BxL))
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-
-    def forward(cache, tokens_BxT, start):
-        logits_BxTxV, updated = model.apply({"params": params, "cache": cache}, tokens_BxT,
-                                            _positions(start, tokens_BxT.shape[1], B), mutable=["cache"])
-        return updated["cache"], logits_BxTxV[:, -1]
-
-    cache, logits_BxV = forward(cache, prompt_BxP, 0)
-    first_B = sample(logits_BxV, jax.random.fold_in(rng, 0), sampling)
-
-    def step(carry, i):
-        cache, token_B = carry
-        cache, logits_BxV = forward(cache, token_B[:, None], P + i - 1)
-        next_B = sample(logits_BxV, jax.random.fold_in(rng, i), sampling)
-        return (cache, next_B), next_B
-
-    _, rest_NxB = jax.lax.scan(step, (cache, first_B), jnp.arange(1, max_new_tokens))
-    return jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)
+    return _cached_apply(params, cfg, cache, recent_BxL[:, L - length:], _positions(length, B))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
-def _generate_full(params, prompt_BxP, rng, *, cfg: ModelConfig, max_new_tokens: int, sampling: Sampling):
-    """The reference without a cache: every token re-runs the model over the whole (fixed-size) window."""
-    model = Transformer(cfg)
-    B, P = prompt_BxP.shape
-    window_BxL = jnp.pad(prompt_BxP, ((0, 0), (0, max_new_tokens)))
+def _next_logits(params, state: _State, *, cfg: ModelConfig, shift: int, first: int):
+    """(cache, logits [B, V] of token state.n) over the window of token n."""
+    B, L = state.recent_BxL.shape
+    n = state.n
+    if state.cache is None:  # the reference: the whole window, left-aligned in L slots
+        width = n - window_start(n, L, shift)
+        window_BxL = jnp.roll(state.recent_BxL, width - L, axis=1)
+        logits_BxLxV = Transformer(cfg).apply({"params": params}, window_BxL)
+        return None, jax.lax.dynamic_index_in_dim(logits_BxLxV, width - 1, axis=1, keepdims=False)
+    if first:  # the first window: the prompts' shared part, of static length
+        return _refill(params, cfg, state.recent_BxL, first)
+    start = window_start(n, L, shift)
 
-    def step(window_BxL, i):
-        logits_BxLxV = model.apply({"params": params}, window_BxL)
-        logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, P + i - 1, axis=1, keepdims=False)
-        next_B = sample(logits_BxV, jax.random.fold_in(rng, i), sampling)
-        return jax.lax.dynamic_update_index_in_dim(window_BxL, next_B, P + i, axis=1), None
+    def extend(cache):
+        return _cached_apply(params, cfg, cache, state.recent_BxL[:, -1:], _positions(1, B, n - 1 - start))
 
-    window_BxL, _ = jax.lax.scan(step, window_BxL, jnp.arange(max_new_tokens))
-    return window_BxL[:, P:]
+    return jax.lax.cond(start == window_start(n - 1, L, shift), extend,
+                        lambda cache: _refill(params, cfg, state.recent_BxL, L - shift + 1), state.cache)
 
 
-def fit_prompt(prompt_ids: np.ndarray, max_seq_len: int, max_new_tokens: int) -> np.ndarray:
-    """The prompt, cut to its last max_seq_len - max_new_tokens ids when prompt + new tokens overflow."""
-    if not 0 < max_new_tokens < max_seq_len:
-        raise LMError(f"max_new_tokens={max_new_tokens} must be between 1 and the context length "
-                      f"{max_seq_len} - 1; lower it.")
-    if len(prompt_ids) == 0:
-        raise LMError("the prompt encodes to no tokens; pass a non-empty --prompt.")
-    return np.asarray(prompt_ids)[-(max_seq_len - max_new_tokens):]
+def _step(params, state: _State, *, cfg, sampling, shift, first=0):
+    """Draws token state.n of every row (or feeds the prompt's, where a row's prompt is longer)."""
+    cache, logits_BxV = _next_logits(params, state, cfg=cfg, shift=shift, first=first)
+    keys_B = jax.vmap(jax.random.fold_in)(state.keys_B, state.n - state.prompt_len_B)
+    drawn_B = sample(logits_BxV, keys_B, sampling)
+    L = state.prompt_BxL.shape[1]
+    forced_B = jax.lax.dynamic_index_in_dim(state.prompt_BxL, jnp.minimum(state.n, L - 1), axis=1, keepdims=False)
+    token_B = jnp.where(state.n < state.prompt_len_B, forced_B, drawn_B)
+    recent_BxL = jnp.concatenate([state.recent_BxL[:, 1:], token_B[:, None]], axis=1)
+    return state._replace(recent_BxL=recent_BxL, n=state.n + 1, cache=cache), token_B
+
+
+_STATIC = ("cfg", "sampling", "shift")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("first",))
+def _first(params, state: _State, *, cfg, sampling, shift, first: int):
+    """Prefills the first `first` tokens of every row (with a cache) and draws the next: [B, 1]."""
+    state, token_B = _step(params, state, cfg=cfg, sampling=sampling, shift=shift, first=first)
+    return state, token_B[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("steps",))
+def _chunk(params, state: _State, *, cfg, sampling, shift, steps: int):
+    """`steps` more tokens of every row: [B, steps]."""
+    state, tokens_SxB = jax.lax.scan(
+        lambda s, _: _step(params, s, cfg=cfg, sampling=sampling, shift=shift), state, None, length=steps)
+    return state, tokens_SxB.T
+
+
+def _rows(prompt_ids) -> list[np.ndarray]:
+    """[P], [B, P] or a list of rows of any lengths -> a list of int32 rows."""
+    if isinstance(prompt_ids, (np.ndarray, jax.Array)) or (len(prompt_ids) and np.ndim(prompt_ids[0]) == 0):
+        prompt_ids = np.atleast_2d(np.asarray(prompt_ids))
+    rows = [np.asarray(row, np.int32).reshape(-1) for row in prompt_ids]
+    if not rows or any(len(row) == 0 for row in rows):
+        raise LMError("a prompt encodes to no tokens; pass a non-empty prompt.")
+    return rows
+
+
+def _initial_state(rows: list[np.ndarray], seeds: Sequence[int], L: int, use_cache: bool) -> _State:
+    """Before the first step: every row holds the first `first` tokens of its prompt, where `first` is the
+    prompts' length, or for prompts of different lengths the power of two at or below the shortest
+    (so batches of many prompts compile a few prefills, not one per length)."""
+    lengths = np.array([len(row) for row in rows], np.int32)
+    first = int(lengths.min())
+    first = first if (lengths == first).all() else 1 << (first.bit_length() - 1)
+    prompt_BxL = np.zeros((len(rows), L), np.int32)
+    for b, row in enumerate(rows):
+        prompt_BxL[b, :len(row)] = row
+    recent_BxL = np.zeros_like(prompt_BxL)
+    recent_BxL[:, L - first:] = prompt_BxL[:, :first]
+    keys_B = jnp.stack([jax.random.key(s) for s in seeds])
+    return _State(jnp.asarray(recent_BxL), jnp.int32(first), jnp.asarray(prompt_BxL), jnp.asarray(lengths), keys_B,
+                  () if use_cache else None)
+
+
+def stream(params, cfg: ModelConfig, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(),
+           seed: int | Sequence[int] = 0, *, eos_ids: Sequence[int] = (), use_cache: bool = True,
+           shift: int | None = None, chunk: int = CHUNK) -> Iterator[tuple[list[np.ndarray], list[str | None]]]:
+    """Generates up to `max_new_tokens` for each prompt row, yielding after every device call.
+
+    `prompt_ids`: one prompt ([P]) or rows ([B, P], or a list of rows of any lengths).
+    `seed`: row b draws with seed + b, or give one seed per row. Each item yielded is
+    (the new ids of each row since the last item, each row's stop: None while it runs,
+    "eos" once it drew one of `eos_ids` (not included in its ids), "max_new_tokens").
+    The iteration ends when every row has stopped. `shift`: the window's slide (default L // 4).
+    """
+    sampling.check()
+    rows = _rows(prompt_ids)
+    L = cfg.max_seq_len
+    shift = shift or max(1, L // 4)
+    if max_new_tokens < 1:
+        raise LMError(f"max_new_tokens={max_new_tokens} must be at least 1; raise it.")
+    if not 1 <= shift <= L:
+        raise LMError(f"the window shift {shift} must be between 1 and the context length {L}.")
+    seeds = [seed + b for b in range(len(rows))] if isinstance(seed, int) else list(seed)
+    rows = [row[window_start(len(row), L, shift):] for row in rows]  # earlier tokens are never seen
+    state = _initial_state(rows, seeds, L, use_cache)
+    lengths, first = np.asarray(state.prompt_len_B), int(state.n)
+    cfg = dataclasses.replace(cfg, dropout=0.0, remat="none")
+    static = dict(cfg=cfg, sampling=sampling, shift=shift)
+    state, tokens_Bx1 = _first(params, state, first=first, **static)
+
+    total = int(lengths.max()) + max_new_tokens - first  # steps until the last row has all its tokens
+    steps = min(chunk, max(1, total - 1))
+    queue = collections.deque([(first, tokens_Bx1)])
+    done_steps = 1
+    counts = np.zeros(len(rows), np.int64)  # new tokens of each row so far
+    stops: list[str | None] = [None] * len(rows)
+    eos = np.asarray(list(eos_ids) or [-1])
+    while queue:
+        if done_steps < total:  # keep one call in flight while this one's tokens are read
+            state, tokens_BxS = _chunk(params, state, steps=steps, **static)
+            queue.append((first + done_steps, tokens_BxS))
+            done_steps += steps
+        n, tokens_BxS = queue.popleft()
+        tokens_BxS = np.asarray(tokens_BxS)
+        pieces = []
+        for b, row_tokens in enumerate(tokens_BxS):
+            piece = row_tokens[max(0, lengths[b] - n):] if stops[b] is None else row_tokens[:0]
+            piece = piece[:max_new_tokens - counts[b]]
+            ends = np.flatnonzero(np.isin(piece, eos))
+            if ends.size:
+                piece, stops[b] = piece[:ends[0]], "eos"
+            counts[b] += len(piece)
+            if stops[b] is None and counts[b] == max_new_tokens:
+                stops[b] = "max_new_tokens"
+            pieces.append(piece)
+        yield pieces, list(stops)
+        if all(stops):
+            return
 
 
 def generate(params, cfg: ModelConfig, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(),
-             seed: int = 0, use_cache: bool = True) -> np.ndarray:
-    """New token ids [B, max_new_tokens] continuing each row of `prompt_ids` ([P] or [B, P], equal lengths)."""
-    sampling.check()
-    prompt_BxP = np.atleast_2d(np.asarray(prompt_ids, np.int32))
-    prompt_BxP = np.stack([fit_prompt(row, cfg.max_seq_len, max_new_tokens) for row in prompt_BxP])
-    cfg = dataclasses.replace(cfg, dropout=0.0, remat="none")
-    fn = _generate_cached if use_cache else _generate_full
-    out = fn(params, jnp.asarray(prompt_BxP), jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
-             sampling=sampling)
-    return np.asarray(out)
+             seed: int | Sequence[int] = 0, use_cache: bool = True, eos_ids: Sequence[int] = (),
+             shift: int | None = None) -> list[np.ndarray]:
+    """The new ids of each prompt row (see `stream`): up to `max_new_tokens` each, cut before an end id."""
+    parts = None
+    for pieces, _ in stream(params, cfg, prompt_ids, max_new_tokens, sampling, seed, eos_ids=eos_ids,
+                            use_cache=use_cache, shift=shift):
+        parts = parts or [[] for _ in pieces]
+        for part, piece in zip(parts, pieces):
+            part.append(piece)
+    return [np.concatenate(part) for part in parts]

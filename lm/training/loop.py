@@ -21,7 +21,7 @@ from lm import rundir
 from lm.config import Config
 from lm.data import make_data, run_tokenizer
 from lm.data.tokenizers import save_tokenizer
-from lm.model.decode import generate
+from lm.model.decode import Sampling, generate
 from lm.observe.flops import flops_per_token, mfu, peak_flops
 from lm.observe.log import MetricsLog
 from lm.observe.profiler import Profiler
@@ -160,6 +160,5 @@ def _sample_prompt(rt: Runtime, data) -> np.ndarray:
 
 def sample_text(rt: Runtime, params, prompt_P: np.ndarray, tokenizer) -> str:
     """Decoded prompt + its greedy continuation of log.sample_tokens tokens (with the KV cache)."""
-    new_tokens = min(rt.cfg.log.sample_tokens, rt.cfg.model.max_seq_len - len(prompt_P))
-    continuation = generate(params, rt.cfg.model, prompt_P, new_tokens)[0]
+    continuation = generate(params, rt.cfg.model, prompt_P, rt.cfg.log.sample_tokens, Sampling(temperature=0.0))[0]
     return tokenizer.decode(np.concatenate([prompt_P, continuation]).tolist())
