@@ -2,7 +2,10 @@
 
 Every section is a frozen dataclass. `load_config(path, overrides)` reads the YAML with
 `yaml.safe_load`, applies overrides such as `model.d_model=256`, checks every key and
-type, and rejects impossible combinations before anything is built.
+type, and rejects impossible combinations before anything is built. Every key is a scalar
+but `data.mixture`, a tuple of frozen `MixtureSource` entries (a list of mappings in YAML
+and in `to_dict`); an override gives it a whole YAML list, or one entry's key as
+`data.mixture.NAME.KEY=VALUE`.
 """
 
 from __future__ import annotations

@@ -131,6 +131,16 @@ def test_prepare_lists_every_source(runs, capsys):
         assert f"{name}: corpus: " in out and f"{name}: lm_text [train]" in out and f"{name}: lm_text [validation]" in out
 
 
+def test_data_bench_times_the_mixed_pipeline(runs, capsys):
+    tmp, _, _ = runs
+    capsys.readouterr()
+    cli_main(["data", "bench", "--config", str(EXAMPLE), f"data.tfds_data_dir={tmp / 'tfds'}", "--batches", "4"])
+    out = capsys.readouterr().out
+    assert "(mixture of shakespeare, grimm, 4 batches, data.workers=0) | train step: " in out
+    rates = [float(word.replace(",", "")) for word in out.split() if word.replace(",", "").isdigit()]
+    assert rates[0] > 0 and rates[-2] > 0  # pipeline and step tokens/s (the last number is the device count)
+
+
 def test_resume_with_other_source_names_is_refused_and_with_other_weights_continues(runs):
     tmp, _, _ = runs
     copy = tmp / "renamed"
