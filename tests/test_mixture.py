@@ -57,6 +57,7 @@ def test_row_sources_keep_every_prefix_near_its_share(weights):
     assert (other_seed != sources).any()
 
 
+@pytest.mark.slow
 def test_token_shares_follow_the_weights(runs):
     tmp, full, _ = runs
     logged = [json.loads(line) for line in (tmp / "full" / rundir.METRICS_FILE).read_text().splitlines()]
@@ -82,6 +83,7 @@ def test_token_shares_follow_the_weights(runs):
     assert sorted(tags["tokens/grimm"]) == sorted(r["step"] for r in logged)
 
 
+@pytest.mark.slow
 def test_a_split_run_logs_the_same_losses_bit_for_bit(runs):
     tmp, full, second = runs
     assert [r["step"] for r in second if "loss" in r] == list(range(21, 41))
@@ -93,6 +95,7 @@ def test_a_split_run_logs_the_same_losses_bit_for_bit(runs):
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 41))  # the records past step 20 replaced
 
 
+@pytest.mark.slow
 def test_eval_scores_each_source_on_its_own(runs, capsys, monkeypatch):
     tmp, _, _ = runs
     result = evaluate(str(tmp / "full"))
@@ -123,6 +126,7 @@ def test_eval_scores_each_source_on_its_own(runs, capsys, monkeypatch):
     assert table[3].split()[3] == f"{result['sources']['grimm']['bits_per_byte']:.4f}"
 
 
+@pytest.mark.slow
 def test_prepare_lists_every_source(runs, capsys):
     tmp, _, _ = runs
     cli_main(["data", "prepare", "--config", str(EXAMPLE), f"data.tfds_data_dir={tmp / 'tfds'}"])
@@ -131,6 +135,7 @@ def test_prepare_lists_every_source(runs, capsys):
         assert f"{name}: corpus: " in out and f"{name}: lm_text [train]" in out and f"{name}: lm_text [validation]" in out
 
 
+@pytest.mark.slow
 def test_data_bench_times_the_mixed_pipeline(runs, capsys):
     tmp, _, _ = runs
     capsys.readouterr()
@@ -141,6 +146,7 @@ def test_data_bench_times_the_mixed_pipeline(runs, capsys):
     assert rates[0] > 0 and rates[-2] > 0  # pipeline and step tokens/s (the last number is the device count)
 
 
+@pytest.mark.slow
 def test_resume_with_other_source_names_is_refused_and_with_other_weights_continues(runs):
     tmp, _, _ = runs
     copy = tmp / "renamed"
