@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     p.add_argument("--text_file", help="score this UTF-8 file instead of the validation split")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: seq_len, no overlap)")
-    p.add_argument("--split", help="data.source=tfds: the split to score (default: data.eval_split)")
+    p.add_argument("--split", help="data.source=tfds or mixture: the split to score (default: data.eval_split, "
+                   "or each source's eval_split)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("generate", _generate, "Generate text from a run.",
@@ -166,6 +167,18 @@ def _eval(args) -> None:
     else:
         print(f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
               f"bits/byte {result['bits_per_byte']:.4f} | {result['tokens']:,} tokens")
+        if "sources" in result:
+            print(_source_table(result["sources"]))
+
+
+def _source_table(sources: dict) -> str:
+    """A mixture's per-source evaluation figures, one row per source."""
+    width = max(len("source"), *map(len, sources))
+    lines = [f"{'source':<{width}}  {'loss':>8}  {'perplexity':>10}  {'bits/byte':>9}  {'tokens':>12}"]
+    for name, r in sources.items():
+        lines.append(f"{name:<{width}}  {r['loss']:>8.4f}  {r['perplexity']:>10.3f}  {r['bits_per_byte']:>9.4f}  "
+                     f"{r['tokens']:>12,}")
+    return "\n".join(lines)
 
 
 def _generate(args) -> None:
@@ -295,20 +308,26 @@ def _data_list(args) -> None:
 
 def _data_prepare(args) -> None:
     from lm.data.corpus import data_dir, open_split, prepare
+    from lm.data.mixture import naming, source_configs
 
     cfg = _config(args)
-    if not cfg.data.tfds_name:
-        print(f"corpus: {prepare(cfg.data)}")
-    for split in (cfg.data.train_split, cfg.data.eval_split):
-        print(f"{cfg.data.tfds_name or 'lm_text'} [{split}]: {len(open_split(cfg.data, split)):,} documents "
-              f"in {data_dir(cfg.data)}")
+    sources = source_configs(cfg.data) if cfg.data.source == "mixture" else {"": cfg.data}
+    for name, data in sources.items():
+        label = f"{name}: " if name else ""
+        with naming(name):
+            if not data.tfds_name:
+                print(f"{label}corpus: {prepare(data)}")
+            for split in (data.train_split, data.eval_split):
+                print(f"{label}{data.tfds_name or 'lm_text'} [{split}]: {len(open_split(data, split)):,} documents "
+                      f"in {data_dir(data)}")
 
 
 def _data_bench(args) -> None:
     from lm.tools.bench import data_bench
 
     r = data_bench(_config(args), args.batches)
-    print(f"pipeline: {r['pipeline_tokens_per_sec']:,.0f} tokens/s ({r['batches']} batches, data.workers="
+    mixture = f"mixture of {', '.join(r['sources'])}, " if r["sources"] else ""
+    print(f"pipeline: {r['pipeline_tokens_per_sec']:,.0f} tokens/s ({mixture}{r['batches']} batches, data.workers="
           f"{r['workers']}) | train step: {r['step_tokens_per_sec']:,.0f} tokens/s on {r['n_devices']} "
           f"{r['platform']} device(s)")
 

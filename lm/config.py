@@ -2,7 +2,10 @@
 
 Every section is a frozen dataclass. `load_config(path, overrides)` reads the YAML with
 `yaml.safe_load`, applies overrides such as `model.d_model=256`, checks every key and
-type, and rejects impossible combinations before anything is built.
+type, and rejects impossible combinations before anything is built. Every key is a scalar
+but `data.mixture`, a tuple of frozen `MixtureSource` entries (a list of mappings in YAML
+and in `to_dict`); an override gives it a whole YAML list, or one entry's key as
+`data.mixture.NAME.KEY=VALUE`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import pathlib
+import re
 import typing
 from typing import Any
 
@@ -66,6 +70,23 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One entry of data.mixture: own files or a named TFDS dataset, and its share of the training tokens.
+
+    The data keys mean what the single-source keys of the same name mean (docs/data.md).
+    """
+
+    name: str = ""  # names the source in metrics, evaluation and overrides (letters, digits, _ and -)
+    weight: float = 0.0  # expected share of training tokens; normalised over the entries
+    files: str = ""  # comma-separated paths or globs of .txt / .jsonl files (or builtin:NAME)
+    doc_separator: str = ""
+    text_key: str = "text"
+    tfds_name: str = ""
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     text_file: str = ""  # local path, or an http(s)/file URL fetched once into cache_dir
     sha256: str = ""  # expected SHA-256 of a fetched text_file (checked when set)
@@ -75,7 +96,7 @@ class DataConfig:
     vocab_size: int = 4096  # sentencepiece: vocabulary to train
     spm_algorithm: str = "bpe"
     tokenizer_model: str = ""  # sentencepiece: an existing .model file instead of training one
-    source: str = "text_file"  # text_file: random windows of one file; tfds: packed documents (grain)
+    source: str = "text_file"  # text_file: random windows of one file; tfds: packed documents (grain); mixture
     files: str = ""  # tfds source, own corpus: comma-separated paths or globs of .txt / .jsonl files
     doc_separator: str = ""  # cut text files into documents at this string ("\n" = newline); "": whole file
     text_key: str = "text"  # the text field of JSONL lines and of named datasets
@@ -83,7 +104,18 @@ class DataConfig:
     tfds_data_dir: str = ""  # "": cache_dir/tfds
     train_split: str = "train"
     eval_split: str = "validation"
-    workers: int = 0  # grain worker processes (0: in the training process)
+    workers: int = 0  # grain worker processes (0: in the training process); per source of a mixture
+    mixture: tuple[MixtureSource, ...] = ()  # data.source=mixture: the weighted sources
+
+    @property
+    def packed(self) -> bool:
+        """Whether batches are packed documents (with segment ids), not windows of one text."""
+        return self.source in ("tfds", "mixture")
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The names of the mixture's sources; () for a single source."""
+        return tuple(entry.name for entry in self.mixture) if self.source == "mixture" else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +207,7 @@ CHOICES = {
     "model.remat": REMAT_POLICIES,
     "data.tokenizer": ("byte", "sentencepiece", "hf"),
     "data.spm_algorithm": ("bpe", "unigram"),
-    "data.source": ("text_file", "tfds"),
+    "data.source": ("text_file", "tfds", "mixture"),
     "parallel.mode": ("mesh", "pmap"),
 }
 
@@ -190,6 +222,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, tp: type) -> Any:
     """Returns `value` as type `tp`, or raises LMError naming `key`."""
+    if typing.get_origin(tp) is tuple:
+        return _entries(key, value, typing.get_args(tp)[0])
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -217,6 +251,44 @@ def _unknown_key(key: str, known: list[str]) -> LMError:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(known))}."
     return LMError(f"unknown config key '{key}'.{hint}")
+
+
+def _entries(key: str, value: Any, cls: type) -> tuple:
+    """A list of mappings (YAML, or a YAML/JSON list given as an override) as a tuple of `cls` entries."""
+    types = _field_types(cls)
+    if value is None or value == "":
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise LMError(f"config key '{key}' must be a list of entries with keys {', '.join(types)}, got {value!r}; "
+                      "see docs/data.md#mixtures.")
+    entries = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise LMError(f"{where} must be a mapping with keys {', '.join(types)}, got {item!r}; fix that entry.")
+        for name in item:
+            if name not in types:
+                raise _unknown_key(f"{where}.{name}", [f"{where}.{known}" for known in types])
+        entries.append(cls(**{name: _coerce(f"{where}.{name}", v, types[name]) for name, v in item.items()}))
+    return tuple(entries)
+
+
+def _edit_entries(flat: dict[str, Any], key: str) -> None:
+    """Applies overrides `KEY.NAME.FIELD=value` to the entry of list `key` called NAME (in place)."""
+    prefix = key + "."
+    edits = {k: flat.pop(k) for k in [k for k in flat if k.startswith(prefix)]}
+    if not edits:
+        return
+    entries = [dict(e) if isinstance(e, dict) else e for e in (flat.get(key) or [])]
+    for dotted, value in edits.items():
+        name, _, field = dotted[len(prefix):].rpartition(".")
+        matches = [e for e in entries if isinstance(e, dict) and e.get("name") == name]
+        if not matches or not field:
+            names = ", ".join(str(e.get("name")) for e in entries if isinstance(e, dict)) or "none"
+            raise LMError(f"override '{dotted}' names no entry of {key} (its names: {names}); "
+                          f"use {key}.NAME.KEY=VALUE with one of those names.")
+        matches[0][field] = value
+    flat[key] = entries
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -268,6 +340,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def from_flat(flat: dict[str, Any]) -> Config:
     """Builds and validates a Config from dotted keys; unknown keys are errors."""
+    flat = dict(flat)
+    _edit_entries(flat, "data.mixture")
     known = all_keys()
     for key in flat:
         if key not in known:
@@ -302,7 +376,10 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain YAML/JSON values (the entries of data.mixture as a list of mappings)."""
+    tree = dataclasses.asdict(config)
+    tree["data"]["mixture"] = list(tree["data"]["mixture"])
+    return tree
 
 
 def replace(config: Config, **dotted: Any) -> Config:
@@ -346,6 +423,7 @@ def validate(c: Config) -> None:
     _require(c.data.tokenizer != "sentencepiece" or c.data.tokenizer_model or c.data.vocab_size >= 300,
              f"data.vocab_size={c.data.vocab_size} is too small for SentencePiece with byte fallback "
              "(256 byte pieces + specials); use at least 300.")
+    _validate_mixture(c.data)
     _require(0.0 <= c.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={c.optim.min_lr_ratio} must be in [0, 1].")
     _require(t.batch_size % t.grad_accum_steps == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}; change one of them.")
@@ -358,3 +436,32 @@ def validate(c: Config) -> None:
     _require(math.isfinite(c.optim.lr), "optim.lr must be a finite number.")
     _require(0 < t.preemption_grace_s < math.inf, f"train.preemption_grace_s={t.preemption_grace_s} must be positive "
              "(the seconds the scheduler allows between SIGTERM and SIGKILL).")
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _validate_mixture(d: DataConfig) -> None:
+    """data.source=mixture needs named, positively weighted entries, each with exactly one source."""
+    if d.source != "mixture":
+        _require(not d.mixture, f"data.mixture is set but data.source is {d.source!r}; set data.source=mixture "
+                 "to train on the mixture, or remove data.mixture (data.mixture=[]).")
+        return
+    _require(bool(d.mixture), "data.source=mixture needs data.mixture: a list of sources, each with a name, a "
+             "weight and files or tfds_name (see docs/data.md#mixtures).")
+    seen = set()
+    for i, e in enumerate(d.mixture):
+        where = f"data.mixture[{i}]" + (f" ({e.name})" if e.name else "")
+        _require(bool(e.name), f"{where} has no name; give every source a name (letters, digits, _ and -).")
+        _require(SOURCE_NAME.fullmatch(e.name) is not None,
+                 f"{where}: the name {e.name!r} may hold only letters, digits, '_' and '-' (it names the source "
+                 "in metrics and in overrides data.mixture.NAME.KEY=VALUE); rename it.")
+        _require(e.name not in seen, f"data.mixture names '{e.name}' twice; give every source its own name.")
+        seen.add(e.name)
+        _require(math.isfinite(e.weight) and e.weight > 0,
+                 f"{where} has weight {e.weight}; every weight must be a positive number (the weights are "
+                 "normalised into each source's share of the training tokens).")
+        _require(bool(e.files) or bool(e.tfds_name),
+                 f"{where} names no data; set its files (paths, globs or builtin:NAME) or its tfds_name.")
+        _require(not (e.files and e.tfds_name),
+                 f"{where} sets both files and tfds_name; keep one (each entry is one source).")

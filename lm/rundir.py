@@ -75,9 +75,18 @@ def prepare(cfg: Config) -> pathlib.Path:
 
 
 def check_resumable(old: Config, new: Config, run_dir: pathlib.Path) -> None:
-    """Refuses a config that changes a FROZEN_KEYS value of the run in run_dir."""
+    """Refuses a config that changes a FROZEN_KEYS value of the run in run_dir, or its mixture's source names
+    (each source's position is saved under its name; weights may change)."""
     old_flat, new_flat = config_lib.flatten(config_lib.to_dict(old)), config_lib.flatten(config_lib.to_dict(new))
     for key in old_flat:
         if key.startswith(FROZEN_KEYS) and old_flat[key] != new_flat[key]:
             raise LMError(f"run_dir '{run_dir}' holds a run with {key}={old_flat[key]!r} but this config has "
                           f"{new_flat[key]!r}; use the run's config or a new run_dir.")
+    if "mixture" in (old.data.source, new.data.source) and old.data.source_names != new.data.source_names:
+        raise LMError(f"run_dir '{run_dir}' holds a run on the data.mixture sources {_names(old)} but this config "
+                      f"names {_names(new)}; a resume continues each source where it stopped, so use the run's "
+                      "source names or a new run_dir.")
+
+
+def _names(cfg: Config) -> str:
+    return ", ".join(cfg.data.source_names) or f"none (data.source={cfg.data.source})"

@@ -134,6 +134,14 @@ def evil_pickle(ctx: Ctx) -> bytes:
 def hf_import(directory: pathlib.Path, ctx: Ctx) -> list[str]:
     return ["-m", "lm.hf", "import", str(directory), str(ctx.tmp / "imported"), "--tokenizer", "byte"]
 
+def mixture(ctx: Ctx, entries: str, run_dir: pathlib.Path | None = None) -> list[str]:
+    """train.py on data.source=mixture with these data.mixture entries (a YAML list)."""
+    return ctx.train("data.source=mixture", f"data.tfds_data_dir={ctx.tmp / 'tfds'}", f"data.mixture={entries}",
+                     run_dir=run_dir)
+
+
+GRIMM_ENTRY = "{name: grimm, files: 'builtin:grimm_tales', weight: 1}"
+
 META = "checkpoints/4/meta/metadata"
 # id -> (function of the case context returning argv, a phrase the message must contain)
 CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
@@ -153,6 +161,25 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "unknown_choice": (lambda c: c.train("model.norm=batchnorm"), "choose one of layernorm, rmsnorm"),
     "dropout_out_of_range": (lambda c: c.train("model.dropout=1.5"), "model.dropout=1.5 must be in [0, 1)"),
     "override_without_value": (lambda c: c.train("train.steps"), "is not of the form key=value"),
+    # data.mixture entries (no JAX import), a missing file, a resume on other sources
+    "mixture_without_entries": (lambda c: c.train("data.source=mixture"), "data.source=mixture needs data.mixture"),
+    "mixture_weight_not_positive": (lambda c: mixture(c, "[{name: a, files: x.txt, weight: 0}]"),
+                                    "data.mixture[0] (a) has weight 0.0; every weight must be a positive number"),
+    "mixture_weight_not_a_number": (lambda c: mixture(c, "[{name: a, files: x.txt, weight: lots}]"),
+                                    "'data.mixture[0].weight' must be a float, got 'lots'"),
+    "mixture_duplicate_names": (lambda c: mixture(c, f"[{GRIMM_ENTRY}, {GRIMM_ENTRY}]"), "names 'grimm' twice"),
+    "mixture_empty_name": (lambda c: mixture(c, "[{name: '', files: x.txt, weight: 1}]"),
+                           "data.mixture[0] has no name"),
+    "mixture_entry_without_source": (lambda c: mixture(c, "[{name: a, weight: 1}]"), "(a) names no data"),
+    "mixture_entry_with_two_sources": (lambda c: mixture(c, "[{name: a, files: x.txt, tfds_name: lm1b, weight: 1}]"),
+                                       "sets both files and tfds_name"),
+    "mixture_misspelt_entry_key": (lambda c: mixture(c, "[{name: a, files: x.txt, wieght: 1}]"),
+                                   "Did you mean 'data.mixture[0].weight'?"),
+    "mixture_missing_file": (lambda c: mixture(c, f"[{GRIMM_ENTRY}, {{name: web, files: {c.tmp / 'no.txt'}, weight: 1}}]"),
+                             "data.mixture source 'web': data.mixture[1].files entry"),
+    "resume_on_a_mixture": (lambda c: mixture(c, f"[{GRIMM_ENTRY}]", run_dir=c.copy()),
+                            "holds a run on the data.mixture sources none (data.source=text_file) but this config "
+                            "names grimm"),
     # config files
     "missing_config_file": (lambda c: c.train(config=str(c.tmp / "nope.yaml")), "does not exist"),
     "malformed_yaml": (lambda c: c.train(config=str(c.file("bad.yaml", "model: [1, 2"))), "is not valid YAML"),

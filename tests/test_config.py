@@ -73,3 +73,49 @@ def test_saved_config_round_trips(tmp_path):
     rundir.save_config(cfg, tmp_path)
     assert rundir.read_config(tmp_path) == cfg
     assert yaml.safe_load((tmp_path / rundir.CONFIG_FILE).read_text())["model"]["d_model"] == 128
+
+
+def test_mixture_entries_round_trip_and_override_by_name(tmp_path):
+    cfg = load_config(ROOT / "configs" / "mixture_example.yaml", ["data.mixture.grimm.weight=1", "seed=3"])
+    assert [(e.name, e.weight, e.files) for e in cfg.data.mixture] == [
+        ("shakespeare", 0.75, "builtin:tinyshakespeare"), ("grimm", 1.0, "builtin:grimm_tales")]
+    assert cfg.data.mixture[1].doc_separator == r"\n\n\n" and cfg.data.source_names == ("shakespeare", "grimm")
+    hash(cfg)  # still frozen and hashable
+    rundir.save_config(cfg, tmp_path)
+    assert rundir.read_config(tmp_path) == cfg
+    saved = yaml.safe_load((tmp_path / rundir.CONFIG_FILE).read_text())["data"]["mixture"]
+    assert [entry["weight"] for entry in saved] == [0.75, 1.0]
+    as_list = load_config(None, ["data.source=mixture",
+                                 "data.mixture=[{name: a, files: x.txt, weight: 2}, {name: b, tfds_name: lm1b, weight: 1}]"])
+    assert as_list.data.mixture[1].tfds_name == "lm1b" and as_list.data.mixture[0].weight == 2.0
+    assert config_lib.replace(as_list, **{"data.mixture.b.weight": 5}).data.mixture[1].weight == 5.0
+
+
+@pytest.mark.parametrize("entries, words", [
+    ("[]", ["data.source=mixture needs data.mixture"]),
+    ("[{name: a, files: x, weight: -1}]", ["data.mixture[0] (a)", "weight -1.0", "positive"]),
+    ("[{name: a, files: x, weight: .inf}]", ["weight inf"]),
+    ("[{name: a, files: x, weight: heavy}]", ["'data.mixture[0].weight' must be a float"]),
+    ("[{name: a, files: x, weight: 1}, {name: a, files: y, weight: 1}]", ["names 'a' twice"]),
+    ("[{name: '', files: x, weight: 1}]", ["data.mixture[0] has no name"]),
+    ("[{name: a b, files: x, weight: 1}]", ["'a b' may hold only letters"]),
+    ("[{name: a, weight: 1}]", ["names no data", "files", "tfds_name"]),
+    ("[{name: a, files: x, tfds_name: y, weight: 1}]", ["sets both files and tfds_name"]),
+    ("[{name: a, file: x, weight: 1}]", ["unknown config key 'data.mixture[0].file'", "'data.mixture[0].files'"]),
+    ("a.txt", ["'data.mixture' must be a list"]),
+    ("[a.txt]", ["data.mixture[0] must be a mapping"]),
+])
+def test_bad_mixtures_name_the_entry(entries, words):
+    with pytest.raises(LMError) as info:
+        load_config(None, ["data.source=mixture", f"data.mixture={entries}"])
+    assert "\n" not in str(info.value)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_mixture_needs_its_source_and_overrides_need_a_name():
+    with pytest.raises(LMError, match="data.mixture is set but data.source is 'text_file'"):
+        load_config(None, ["data.mixture=[{name: a, files: x, weight: 1}]"])
+    with pytest.raises(LMError, match=r"'data.mixture.c.weight' names no entry of data.mixture \(its names: a\)"):
+        load_config(None, ["data.source=mixture", "data.mixture=[{name: a, files: x, weight: 1}]",
+                           "data.mixture.c.weight=2"])

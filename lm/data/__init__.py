@@ -3,6 +3,7 @@
     text (a local file, a packaged corpus, an http(s) URL, TFDS) -> tokenizer -> source -> batches
 
 - sources.py: the `DataSource` Protocol, random windows of one text, packed TFDS documents.
+- mixture.py: several packed sources, each row drawn from one by weight; per-source accounting.
 - text.py: reading one text (packaged, local or fetched), its split, random windows.
 - corpus.py, pipeline.py: own files or named datasets as TFDS array_record; grain packing.
 - tokenizers/: byte, SentencePiece and imported Hugging Face tokenizers behind one Protocol.
@@ -16,7 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from lm.config import Config
-from lm.data.sources import DataSource, eval_batches, make_data
+from lm.data.pipeline import eval_batches
+from lm.data.sources import DataSource, make_data
 from lm.data.text import read_text, split_text
 from lm.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from lm.rundir import TOKENIZER_FILE
@@ -27,7 +29,13 @@ SAMPLE_CHARS = 10_000_000  # SentencePiece trains on at most this much training 
 
 
 def training_sample(cfg: Config) -> Iterator[str]:
-    """Up to SAMPLE_CHARS of training text: documents in a seeded random order."""
+    """Up to SAMPLE_CHARS of training text: documents in a seeded random order (of a mixture: SAMPLE_CHARS,
+    each source's part in proportion to its weight)."""
+    if cfg.data.source == "mixture":
+        from lm.data import mixture
+
+        yield from mixture.training_sample(cfg, SAMPLE_CHARS)
+        return
     if cfg.data.source == "text_file":
         yield split_text(read_text(cfg.data), cfg.data.val_fraction)[0][:SAMPLE_CHARS]
         return

@@ -28,8 +28,9 @@ def data_dir(cfg: DataConfig) -> str:
     return os.path.expanduser(cfg.tfds_data_dir or os.path.join(cfg.cache_dir, "tfds"))
 
 
-def corpus_files(cfg: DataConfig) -> list[pathlib.Path]:
-    """The files named by data.files (comma-separated paths or globs), or data.text_file."""
+def corpus_files(cfg: DataConfig, key: str = "data.files") -> list[pathlib.Path]:
+    """The files named by data.files (comma-separated paths or globs), or data.text_file;
+    `key` is the config key that names them, for messages."""
     if not cfg.files:
         if not cfg.text_file:
             raise LMError("no corpus: set data.files=PATHS (text or .jsonl files, globs allowed), "
@@ -42,7 +43,7 @@ def corpus_files(cfg: DataConfig) -> list[pathlib.Path]:
             continue
         found = sorted(glob.glob(str(pathlib.Path(pattern).expanduser())))
         if not found:
-            raise LMError(f"data.files entry '{pattern}' matches no file; fix the path or glob.")
+            raise LMError(f"{key} entry '{pattern}' matches no file; fix the path or glob.")
         files += [pathlib.Path(f) for f in found]
     return files
 

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from lm.data.corpus import document_text
+from lm.config import DataConfig
+from lm.data.corpus import document_text, open_split
 from lm.data.tokenizers import BOS_ID, EOS_ID
 
 
@@ -36,12 +37,11 @@ def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "weights": (packed["targets_segment_ids"] != 0).astype(np.int32)}
 
 
-def packed_dataset(source, tokenizer, text_key: str, seq_len: int, batch_size: int, *,
-                   seed: int | None = None, shard: tuple[int, int] = (0, 1), workers: int = 0):
-    """Batches of packed rows; with a seed: shuffled, repeated forever; else one pass in order.
+def packed_rows(source, tokenizer, text_key: str, seq_len: int, *, seed: int | None = None,
+                shard: tuple[int, int] = (0, 1)):
+    """Packed rows of T = seq_len (grain's features); with a seed: shuffled, repeated forever; else one pass in order.
 
-    `shard` = (index, count) keeps every count-th document (one share per host);
-    `workers` > 0 runs tokenization and packing in that many processes.
+    `shard` = (index, count) keeps every count-th document (one share per host).
     """
     import grain
 
@@ -49,15 +49,27 @@ def packed_dataset(source, tokenizer, text_key: str, seq_len: int, batch_size: i
     if seed is not None:
         ds = ds.seed(seed).shuffle().repeat()
     ds = ds.map(Tokenize(tokenizer, text_key)).to_iter_dataset()
-    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
-    ds = ds.batch(batch_size, drop_remainder=seed is not None).map(to_batch)
-    if workers:
-        from absl import flags
+    return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
 
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; take the defaults
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return ds
+
+def packed_dataset(source, tokenizer, text_key: str, seq_len: int, batch_size: int, *,
+                   seed: int | None = None, shard: tuple[int, int] = (0, 1), workers: int = 0):
+    """Batches of packed rows (`packed_rows`), the last one short in a single pass;
+    `workers` > 0 runs tokenization and packing in that many processes."""
+    rows = packed_rows(source, tokenizer, text_key, seq_len, seed=seed, shard=shard)
+    return in_workers(rows.batch(batch_size, drop_remainder=seed is not None).map(to_batch), workers)
+
+
+def in_workers(ds, workers: int):
+    """`ds` prefetched by `workers` processes (0: `ds` itself, run in this process)."""
+    if not workers:
+        return ds
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; take the defaults
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 def padded(batches, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -65,6 +77,22 @@ def padded(batches, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     for batch in batches:
         missing = batch_size - len(batch["inputs"])
         yield {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()} if missing else batch
+
+
+def eval_batches(cfg: DataConfig, tokenizer, seq_len: int, batch_size: int,
+                 split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Every document of a split once, packed as in training, in full global batches."""
+    source = open_split(cfg, split or cfg.eval_split)
+    return padded(packed_dataset(source, tokenizer, cfg.text_key, seq_len, batch_size), batch_size)
+
+
+def leading_eval_batches(cfg: DataConfig, tokenizer, seq_len: int, batch_size: int, count: int,
+                         host_rows) -> Iterator[dict[str, np.ndarray]]:
+    """This host's rows of the first `count` batches of `eval_batches` (the same every time)."""
+    for i, batch in enumerate(eval_batches(cfg, tokenizer, seq_len, batch_size)):
+        if i == count:
+            return
+        yield {k: v[host_rows(batch_size)] for k, v in batch.items()}
 
 
 def from_json_state(state: Any) -> Any:

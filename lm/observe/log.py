@@ -1,6 +1,8 @@
 """What a run logs while it trains: metrics.jsonl, TensorBoard events, console lines, a progress bar.
 
-TensorBoard events are written with tensorboardX (no TensorFlow).
+TensorBoard events are written with tensorboardX (no TensorFlow); a mixture's per-source
+values (`val_loss_by_source`, `tokens_by_source` in metrics.jsonl) become the scalars
+`val_loss/NAME` and `tokens/NAME`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 from lm.rundir import METRICS_FILE, write_atomic
 
 SCALARS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu")
+BY_SOURCE = {"val_loss_by_source": "val_loss", "tokens_by_source": "tokens"}  # {name: value} -> tag/name
 
 
 class TensorBoard:
@@ -35,6 +38,9 @@ class TensorBoard:
             for key in SCALARS:
                 if record.get(key) is not None:
                     self.writer.add_scalar(key, record[key], record["step"])
+            for key, tag in BY_SOURCE.items():
+                for name, value in record.get(key, {}).items():
+                    self.writer.add_scalar(f"{tag}/{name}", value, record["step"])
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
@@ -121,6 +127,8 @@ class MetricsLog:
                          ("mfu", "mfu {:.2%}"), ("eta_sec", "eta {:.0f}s"), ("skipped_steps", "skipped {}")):
             if record.get(key) is not None:
                 parts.append(fmt.format(record[key]))
+        if record.get("val_loss_by_source"):
+            parts.insert(2, " ".join(f"{name} {loss:.4f}" for name, loss in record["val_loss_by_source"].items()))
         if "loss" in record:
             self.summary = f"loss {record['loss']:.4f} | {record['tokens_per_sec']:,.0f} tok/s"
         self.progress.line(" | ".join(parts))

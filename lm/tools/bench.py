@@ -168,5 +168,6 @@ def data_bench(cfg: Config, batches: int = 50) -> dict:
     jax.block_until_ready(metrics)
     step_rate = 3 * cfg.train.batch_size * cfg.train.seq_len / (time.perf_counter() - start)
     return {"pipeline_tokens_per_sec": pipeline_rate, "batches": batches, "workers": cfg.data.workers,
+            "sources": list(data.source_names),
             "step_tokens_per_sec": step_rate, "n_devices": rt.mesh.size,
             "platform": rt.mesh.devices.flat[0].platform}

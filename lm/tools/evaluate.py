@@ -1,4 +1,4 @@
-"""Exact evaluation: every token of a text scored once; loss, perplexity, bits-per-byte."""
+"""Exact evaluation: every token of a text scored once; loss, perplexity, bits-per-byte (of each mixture source too)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from lm.data import eval_batches
+from lm.data.mixture import naming, source_configs
 from lm.data.text import read_text, split_text
 from lm.errors import LMError
 from lm.training.restore import load_params, open_run
@@ -69,25 +70,43 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest).
 
     With data.source=tfds the documents of `split` (default data.eval_split) are packed as
-    in training and every token is scored once (`stride` does not apply).
+    in training and every token is scored once (`stride` does not apply). With
+    data.source=mixture each source's split is scored so, and `sources` holds each one's
+    figures beside the overall ones (all tokens together).
     """
     opened = open_run(run_dir, step)
     cfg, tokenizer = opened.cfg, opened.tokenizer
     batch_size = cfg.train.batch_size
-    if cfg.data.source == "tfds" and not text_file:
-        batches = eval_batches(cfg.data, tokenizer, cfg.train.seq_len, batch_size, split)
+    if text_file or not cfg.data.packed:
+        sets = {None: _text_batches(cfg, tokenizer, text_file, stride, batch_size)}  # checks text and stride first
+    elif cfg.data.source == "mixture":
+        sets = {}
+        for name, data in source_configs(cfg.data).items():
+            with naming(name):
+                sets[name] = eval_batches(data, tokenizer, cfg.train.seq_len, batch_size, split)
     else:
-        batches = _text_batches(cfg, tokenizer, text_file, stride, batch_size)  # checks text and stride first
+        sets = {None: eval_batches(cfg.data, tokenizer, cfg.train.seq_len, batch_size, split)}
     run = load_params(opened)
-    rt, params, step = run.runtime, run.params, run.step
+    sums = {name: _score(run, batches, batch_size) for name, batches in sets.items()}
+    result = {**_figures(*(sum(column) for column in zip(*sums.values()))), "step": int(run.step)}
+    if None not in sums:
+        result["sources"] = {name: _figures(*totals) for name, totals in sums.items()}
+    return result
 
+
+def _score(run, batches, batch_size: int) -> tuple[float, float, int]:
+    """(summed loss, tokens scored, UTF-8 bytes of their targets) over `batches`."""
+    rt, params, tokenizer = run.runtime, run.params, run.tokenizer
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
     for batch in batches:
         total_bytes += int((tokenizer.byte_lengths(batch["targets"]) * batch["weights"]).sum())
         local = {k: v[rt.host_rows(batch_size)] for k, v in batch.items()}
         loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
         total_loss, total_tokens = total_loss + float(loss_sum), total_tokens + float(weight_sum)
+    return total_loss, total_tokens, total_bytes
+
+
+def _figures(total_loss: float, total_tokens: float, total_bytes: int) -> dict:
     loss = total_loss / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": total_loss / math.log(2) / max(total_bytes, 1),
-            "tokens": int(total_tokens), "step": int(step)}
+            "bits_per_byte": total_loss / math.log(2) / max(total_bytes, 1), "tokens": int(total_tokens)}

@@ -2,7 +2,8 @@
 
 Running the same command again on a run_dir resumes from its newest checkpoint and
 continues exactly: dropout is a function of (seed, step), and the data source either is
-too (random windows) or restores its position from the checkpoint (packed documents).
+too (random windows) or restores its position from the checkpoint (packed documents, and
+every source of a mixture with the tokens drawn from each so far).
 SIGTERM checkpoints the current step and exits 0; a NaN/Inf step stops the run before
 anything diverged is checkpointed, or is skipped (lm.training.guards).
 """
@@ -83,9 +84,11 @@ def train(cfg: Config) -> list[dict]:
             nonlocal pending, last_time, last_step
             if pending is None:
                 return
-            step, metrics = pending
+            step, metrics, tokens_by_source = pending
             watch.check(step)
             record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}}
+            if tokens_by_source:
+                record["tokens_by_source"] = tokens_by_source
             if cfg.train.skip_nonfinite:
                 record["skipped_steps"] = watch.skipped
             now = time.perf_counter()
@@ -109,13 +112,17 @@ def train(cfg: Config) -> list[dict]:
             profiler.after_step(done, state)
             log.step(done)
             if _is_due(done, cfg.log.every, cfg.train.steps) or done == start + 1:
-                pending = (done, metrics)
+                pending = (done, metrics, dict(data.tokens_by_source))
 
-            # -- Validation: nanoGPT's estimate over eval.batches fixed batches, and a text sample.
+            # -- Validation: nanoGPT's estimate over eval.batches fixed batches (of each source of a
+            #    mixture), and a text sample.
             if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
                 flush()
                 watch.check(done)
-                record = {"step": done, "val_loss": validation_loss(rt, state.params, data)}
+                val_loss, by_source = validation_loss(rt, state.params, data)
+                record = {"step": done, "val_loss": val_loss}
+                if data.source_names:
+                    record.update(val_loss_by_source=by_source, tokens_by_source=dict(data.tokens_by_source))
                 total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype, refresh=True)
                 records.append(record)
                 log.write(record)
@@ -142,13 +149,19 @@ def _is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def validation_loss(rt: Runtime, params, data) -> float:
-    """Mean loss over eval.batches fixed validation batches (nanoGPT's estimate)."""
-    total, weight = 0.0, 0.0
-    for local in data.val_batches(rt.cfg.eval.batch_size or rt.cfg.train.batch_size):
-        loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
-        total, weight = total + float(loss_sum), weight + float(weight_sum)
-    return total / weight
+def validation_loss(rt: Runtime, params, data) -> tuple[float, dict[str, float]]:
+    """Mean loss over eval.batches fixed validation batches (nanoGPT's estimate), and that of each mixture
+    source's own batches (the first is then their token-weighted mean)."""
+    batch_size = rt.cfg.eval.batch_size or rt.cfg.train.batch_size
+    sums = {}
+    for name in data.source_names or (None,):
+        total, weight = 0.0, 0.0
+        for local in data.val_batches(batch_size, name):
+            loss_sum, weight_sum = rt.eval_step(params, rt.place_batch(local))
+            total, weight = total + float(loss_sum), weight + float(weight_sum)
+        sums[name] = (total, weight)
+    overall = sum(total for total, _ in sums.values()) / sum(weight for _, weight in sums.values())
+    return overall, {name: total / weight for name, (total, weight) in sums.items() if name is not None}
 
 
 def _sample_prompt(rt: Runtime, data) -> np.ndarray:

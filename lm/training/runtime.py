@@ -132,7 +132,7 @@ def build(cfg: Config, tokenizer, devices=None) -> Runtime:
     passes = train_passes(cfg, platform, ways)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     model = Transformer(cfg.model, activation_sharding=None if mapped else batch_sharding,
-                        kernels=platform_kernels(cfg.model, platform, packed=cfg.data.source == "tfds"))
+                        kernels=platform_kernels(cfg.model, platform, packed=cfg.data.packed))
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     rules = None if mapped else mesh_lib.logical_rules(cfg.model, mesh)
     abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
