@@ -16,8 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable
+
+# JAX's persistent compilation cache, on for every command: a second run of a config skips its
+# compiles. JAX_COMPILATION_CACHE_DIR moves it; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
+COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join("~", ".cache", "lm", "jax"),
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +39,8 @@ def run(command: Callable[[], None], debug: bool = False) -> None:
     from lm.errors import LMError
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's informational chatter
+    for name, value in COMPILATION_CACHE.items():  # read when JAX is imported (the commands import it later)
+        os.environ.setdefault(name, os.path.expanduser(value))
     try:
         command()
     except LMError as e:

@@ -20,6 +20,21 @@ SCALARS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu")
 BY_SOURCE = {"val_loss_by_source": "val_loss", "tokens_by_source": "tokens"}  # {name: value} -> tag/name
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch, when it is
+    installed, only to accept torch tensors (seconds of start-up); lm logs Python floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoard:
     """Scalars and text samples as TensorBoard event files in run_dir; process 0 only.
 
@@ -29,9 +44,7 @@ class TensorBoard:
     def __init__(self, run_dir: pathlib.Path, resume_step: int, enabled: bool = True):
         self.writer = None
         if enabled and jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir), purge_step=resume_step or None, flush_secs=30)
+            self.writer = _summary_writer()(str(run_dir), purge_step=resume_step or None, flush_secs=30)
 
     def scalars(self, record: dict) -> None:
         if self.writer:

@@ -123,7 +123,6 @@ def train(cfg: Config) -> list[dict]:
                 record = {"step": done, "val_loss": val_loss}
                 if data.source_names:
                     record.update(val_loss_by_source=by_source, tokens_by_source=dict(data.tokens_by_source))
-                total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype, refresh=True)
                 records.append(record)
                 log.write(record)
                 if cfg.log.sample_tokens and cfg.log.tensorboard:
