@@ -131,14 +131,13 @@ def _rope(hf: dict, family: Family) -> dict:
     """RoPE keys from v5 `rope_parameters` (nested by layer type for Gemma 3) or v4 `rope_theta` + `rope_scaling`."""
     max_len = hf.get("max_position_embeddings", 2048)
     theta = hf.get("rope_theta", family.default_theta)
-    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise _unsupported(f"partial_rotary_factor={hf['partial_rotary_factor']} (RoPE on part of each head)")
-    if not family.local_rope:
-        return _rope_scaling(params, theta, max_len)
-    nested = hf.get("rope_parameters") if FULL in (hf.get("rope_parameters") or {}) else None
-    full = (nested or {}).get(FULL) or hf.get("rope_scaling") or {}
-    local = (nested or {}).get(SLIDING) or {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    if not family.local_rope:  # v4's rope_scaling wins over rope_parameters, as in transformers
+        return _rope_scaling(hf.get("rope_scaling") or hf.get("rope_parameters") or {}, theta, max_len)
+    nested = hf.get("rope_parameters") if FULL in (hf.get("rope_parameters") or {}) else {}
+    full = nested.get(FULL) or hf.get("rope_scaling") or {}
+    local = nested.get(SLIDING) or {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
     out, local_out = _rope_scaling(full, theta, max_len), _rope_scaling(local, 10000.0, max_len)
     if local_out == out:  # sliding layers rotate like the others
         return out
