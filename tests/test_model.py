@@ -123,10 +123,9 @@ def test_logical_axis_names_cover_every_parameter(variant):
     assert specs["token_embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
 
 
-@pytest.mark.parametrize("kw", [{}, {"scan_layers": True}])
-def test_sliding_window_limits_what_a_position_sees(kw):
+def test_sliding_window_limits_what_a_position_sees():
     """Window 3 in each of 2 layers: position i sees tokens i-4..i, so token 0 reaches positions 0-4 only."""
-    model, params = make(position="rope", sliding_window=3, **kw)
+    model, params = make(position="rope", sliding_window=3)
     x = tokens()
     changed = x.at[:, 0].set((x[:, 0] + 1) % BASE.vocab_size)
     a, b = model.apply({"params": params}, x), model.apply({"params": params}, changed)
