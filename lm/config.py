@@ -39,15 +39,30 @@ class ModelConfig:
     d_model: int = 128
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: n_heads (multi-head); 1: multi-query; else grouped-query
+    d_head: int = 0  # width of one attention head; 0: d_model // n_heads
     d_ff: int = 0  # 0: 4 * d_model
     max_seq_len: int = 1024
-    norm: str = "layernorm"
+    norm: str = "layernorm"  # layernorm, rmsnorm, or rmsnorm_plus_one (scale 1 + w, w starting at 0: Gemma)
     norm_eps: float = 1e-5
-    mlp: str = "gelu"
+    norm_placement: str = "pre"  # pre: x + f(norm(x)); post: x + norm(f(x)) (OLMo 2); sandwich: x + norm(f(norm(x)))
+    qk_norm: str = "none"  # norm of queries and keys before RoPE: none, head (per head), all (over all heads)
+    mlp: str = "gelu"  # gelu, swiglu (silu gate) or geglu (tanh-GELU gate)
     position: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none, linear (positions / rope_factor) or llama3 (Llama 3.1 frequency bands)
+    rope_factor: float = 1.0  # linear and llama3 scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+    rope_original_max_len: int = 8192  # llama3: the context length the model was first trained at
+    rope_local_theta: float = 0.0  # RoPE base of sliding-window layers, unscaled (Gemma 3); 0: as the other layers
+    rope_layers: str = "1"  # which layers apply RoPE: comma-separated 0/1 flags, repeated over the layers
+    sliding_window: int = 0  # key j visible to query i iff i - W < j <= i on sliding layers; 0: no window
+    sliding_layers: str = "1"  # which layers use sliding_window: comma-separated 0/1 flags, repeated over the layers
+    attn_scale_dim: int = 0  # attention scores are scaled by attn_scale_dim ** -0.5; 0: head width
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (in the activation dtype)
     tie_embeddings: bool = True
     use_bias: bool = True
+    qkv_bias: bool = False  # biases on the query, key and value projections even when use_bias is false (Qwen2)
     dropout: float = 0.0
     init_std: float = 0.02
     dtype: str = "float32"
@@ -58,7 +73,25 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer`, or None for full causal attention."""
+        return self.sliding_window if self.sliding_window and _flag(self.sliding_layers, layer) else None
+
+    def layer_rope(self, layer: int) -> tuple[float, bool] | None:
+        """(RoPE base, whether rope_scaling applies) for block `layer`, or None where it has no RoPE."""
+        if self.position != "rope" or not _flag(self.rope_layers, layer):
+            return None
+        if self.rope_local_theta and self.layer_window(layer):
+            return self.rope_local_theta, False
+        return self.rope_theta, True
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every block attends and rotates alike (what model.scan_layers stacks)."""
+        kinds = {(self.layer_window(i), self.layer_rope(i)) for i in range(self.n_layers)}
+        return len(kinds) == 1
 
     @property
     def kv_heads(self) -> int:
@@ -67,6 +100,16 @@ class ModelConfig:
     @property
     def ff_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+
+def _flag(flags: str, layer: int) -> bool:
+    """Flag `layer` of a per-layer pattern such as "1,1,1,0" (repeated over the layers)."""
+    values = flags.split(",")
+    return values[layer % len(values)].strip() == "1"
+
+
+def _is_flags(flags: str) -> bool:
+    return all(v.strip() in ("0", "1") for v in flags.split(","))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +241,12 @@ class Config:
 
 
 CHOICES = {
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.norm": ("layernorm", "rmsnorm", "rmsnorm_plus_one"),
+    "model.norm_placement": ("pre", "post", "sandwich"),
+    "model.qk_norm": ("none", "head", "all"),
+    "model.mlp": ("gelu", "swiglu", "geglu"),
     "model.position": ("learned", "sinusoidal", "rope"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "auto"),
@@ -403,19 +449,14 @@ def validate(c: Config) -> None:
                 "train.steps", "train.batch_size", "train.seq_len", "train.grad_accum_steps",
                 "checkpoint.every", "checkpoint.keep", "log.every"):
         _require(flat[key] > 0, f"config key '{key}' must be positive, got {flat[key]}.")
-    for key in ("model.vocab_size", "model.n_kv_heads", "model.d_ff", "optim.warmup_steps",
+    for key in ("model.vocab_size", "model.n_kv_heads", "model.d_head", "model.d_ff", "model.sliding_window",
+                "model.rope_local_theta", "model.attn_scale_dim", "optim.warmup_steps",
                 "optim.decay_steps", "eval.every", "eval.batches", "eval.batch_size",
                 "optim.weight_decay", "optim.grad_clip", "optim.lr", "data.workers", "log.sample_tokens",
                 "profile.start_step", "profile.steps", "parallel.cpu_chunk_tokens"):
         _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
     m, t = c.model, c.train
-    _require(m.d_model % m.n_heads == 0,
-             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; change one of them.")
-    _require(m.n_kv_heads <= m.n_heads and m.n_heads % m.kv_heads == 0,
-             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
-             "choose n_kv_heads that divides n_heads.")
-    _require(m.position != "rope" or m.head_dim % 2 == 0,
-             f"model.position=rope needs an even head dimension, but d_model/n_heads={m.head_dim}; change model.d_model or model.n_heads.")
+    _validate_model(m)
     _require(t.seq_len <= m.max_seq_len,
              f"train.seq_len={t.seq_len} is above model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len.")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
@@ -465,3 +506,31 @@ def _validate_mixture(d: DataConfig) -> None:
                  f"{where} names no data; set its files (paths, globs or builtin:NAME) or its tfds_name.")
         _require(not (e.files and e.tfds_name),
                  f"{where} sets both files and tfds_name; keep one (each entry is one source).")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _require(m.d_head or m.d_model % m.n_heads == 0,
+             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; change one of them "
+             "(or set model.d_head).")
+    _require(m.n_kv_heads <= m.n_heads and m.n_heads % m.kv_heads == 0,
+             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+             "choose n_kv_heads that divides n_heads.")
+    _require(m.position != "rope" or m.head_dim % 2 == 0,
+             f"model.position=rope needs an even head dimension, but it is {m.head_dim}; change model.d_head "
+             "(or model.d_model / model.n_heads).")
+    _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive.")
+    for key, flags in (("model.sliding_layers", m.sliding_layers), ("model.rope_layers", m.rope_layers)):
+        _require(_is_flags(flags), f"{key}={flags!r} must be comma-separated 0/1 flags, one per layer and "
+                 "repeated over the layers (e.g. 1,1,1,1,1,0: every sixth layer off).")
+    _require(m.rope_scaling == "none" or m.position == "rope",
+             f"model.rope_scaling={m.rope_scaling} needs model.position=rope.")
+    _require(m.rope_scaling == "none" or m.rope_factor > 0,
+             f"model.rope_factor={m.rope_factor} must be positive.")
+    _require(m.rope_scaling != "llama3" or 0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+             f"model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, "
+             f"got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}.")
+    _require(m.rope_original_max_len > 0,
+             f"model.rope_original_max_len={m.rope_original_max_len} must be positive.")
+    _require(not m.scan_layers or m.uniform_layers,
+             "model.scan_layers=true stacks identical blocks, but model.sliding_layers / model.rope_layers / "
+             "model.rope_local_theta make the layers differ; set model.scan_layers=false.")

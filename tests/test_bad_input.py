@@ -112,6 +112,9 @@ def generate_args(run, *extra) -> list[str]:
 
 
 PWNED = "pwned-by-yaml"
+LLAMA_YARN_CONFIG = ('{"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4, '
+                     '"num_hidden_layers": 1, "vocab_size": 300, "intermediate_size": 64, '
+                     '"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}')
 GPT2_CONFIG = ('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2, "n_embd": 32, '
                '"n_head": 4, "n_positions": 64, "vocab_size": 300}')
 
@@ -160,6 +163,9 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "batch_not_divisible_by_accum": (lambda c: c.train("train.grad_accum_steps=3"), "grad_accum_steps=3"),
     "unknown_choice": (lambda c: c.train("model.norm=batchnorm"), "choose one of layernorm, rmsnorm"),
     "dropout_out_of_range": (lambda c: c.train("model.dropout=1.5"), "model.dropout=1.5 must be in [0, 1)"),
+    "layer_flags_not_flags": (lambda c: c.train("model.sliding_layers=1,2"), "must be comma-separated 0/1 flags"),
+    "scan_of_differing_layers": (lambda c: c.train("model.position=rope", "model.rope_layers=1,0",
+                                                   "model.scan_layers=true"), "stacks identical blocks"),
     "override_without_value": (lambda c: c.train("train.steps"), "is not of the form key=value"),
     # data.mixture entries (no JAX import), a missing file, a resume on other sources
     "mixture_without_entries": (lambda c: c.train("data.source=mixture"), "data.source=mixture needs data.mixture"),
@@ -243,7 +249,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                                      "has no checkpoints yet"),
     # Hugging Face directories
     "hf_unsupported_architecture": (lambda c: hf_import(hf_dir(c, '{"architectures": ["MambaForCausalLM"]}', {
-        "model.safetensors": b"x"}), c), "lm imports only LlamaForCausalLM and GPT2LMHeadModel"),
+        "model.safetensors": b"x"}), c), "lm imports only GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM"),
+    "hf_fused_phi3": (lambda c: hf_import(hf_dir(c, '{"architectures": ["Phi3ForCausalLM"]}', {
+        "model.safetensors": b"x"}), c), "Phi-3 fuses q, k, v into qkv_proj"),
+    "hf_yarn_rope": (lambda c: hf_import(hf_dir(c, LLAMA_YARN_CONFIG, {"model.safetensors": b"x"}), c),
+                     "RoPE scaling 'yarn' (lm implements default, linear and llama3)"),
     "hf_only_pickle_weights": (lambda c: hf_import(hf_dir(c, GPT2_CONFIG, {
         "pytorch_model.bin": evil_pickle(c)}), c), "pickle files, which lm never loads"),
     "hf_missing_config": (lambda c: hf_import(c.tmp, c), "config.json' is missing"),

@@ -37,6 +37,11 @@ def test_every_config_file_loads():
     ("data.val_fraction=0", ["data.val_fraction"]),
     ("train.steps=0", ["train.steps"]),
     ("steps", ["key=value"]),
+    ("model.qk_norm=rms", ["model.qk_norm", "head"]),
+    ("model.rope_scaling=yarn", ["model.rope_scaling", "llama3"]),
+    ("model.rope_scaling=linear", ["model.rope_scaling", "model.position=rope"]),
+    ("model.sliding_window=-4", ["model.sliding_window"]),
+    ("model.rope_layers=1,x", ["model.rope_layers", "0/1 flags"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(LMError) as info:
@@ -119,3 +124,21 @@ def test_mixture_needs_its_source_and_overrides_need_a_name():
     with pytest.raises(LMError, match=r"'data.mixture.c.weight' names no entry of data.mixture \(its names: a\)"):
         load_config(None, ["data.source=mixture", "data.mixture=[{name: a, files: x, weight: 1}]",
                            "data.mixture.c.weight=2"])
+
+
+def test_per_layer_flags_repeat_over_the_layers(tmp_path):
+    path = tmp_path / "gemma_like.yaml"
+    path.write_text("model:\n  n_layers: 7\n  position: rope\n  sliding_window: 8\n  sliding_layers: 1,1,0\n"
+                    "  rope_local_theta: 100.0\n  rope_layers: 0,1\n")
+    m = load_config(path).model
+    assert [m.layer_window(i) for i in range(7)] == [8, 8, None, 8, 8, None, 8]
+    assert [m.layer_rope(i) for i in range(6)] == [None, (100.0, False), None, (100.0, False), None, (10000.0, True)]
+    assert not m.uniform_layers
+    m = load_config(path, ["model.sliding_layers=1", "model.rope_layers=1", "model.rope_local_theta=0"]).model
+    assert m.sliding_layers == "1" and m.uniform_layers and m.layer_window(6) == 8  # an int override, as a str
+
+
+def test_explicit_head_width_lifts_the_divisibility_rule():
+    m = load_config(None, ["model.d_model=60", "model.n_heads=8", "model.d_head=16", "model.position=rope"]).model
+    assert m.head_dim == 16
+    assert load_config(None, ["model.d_model=64", "model.n_heads=8"]).model.head_dim == 8

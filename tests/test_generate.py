@@ -32,6 +32,12 @@ ARCHS = {
     "gpt2": dict(),
     "llama": dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_heads=2, tie_embeddings=False,
                   use_bias=False, scan_layers=True),
+    # Gemma 3 style: sliding window 3 (sequences of 12) on every other layer with its own RoPE base
+    "windowed": dict(norm="rmsnorm_plus_one", norm_placement="sandwich", mlp="geglu", position="rope",
+                     qk_norm="head", scale_embeddings=True, sliding_window=3, sliding_layers="1,0",
+                     rope_local_theta=100.0, n_kv_heads=2, use_bias=False),
+    # Mistral style: the window on every layer, scanned
+    "windowed_scanned": dict(norm="rmsnorm", mlp="swiglu", position="rope", sliding_window=4, scan_layers=True),
 }
 
 

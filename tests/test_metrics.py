@@ -30,7 +30,17 @@ def test_flops_per_token_counts_gqa_and_swiglu():
     assert flops_per_token(cfg, seq_len=10) == 6 * (3 * (attention + mlp) + 32 * 100) + 6 * 3 * 10 * 32
 
 
-@pytest.mark.parametrize("overrides", [{}, {"mlp": "swiglu", "n_kv_heads": 1, "tie_embeddings": False}])
+def test_flops_per_token_counts_windows_and_explicit_head_width():
+    cfg = ModelConfig(vocab_size=100, n_layers=2, d_model=32, n_heads=4, d_head=12, d_ff=48, mlp="geglu",
+                      position="rope", sliding_window=4, sliding_layers="1,0")
+    attention = 32 * 48 + 2 * 32 * 48 + 48 * 32  # 4 heads x 12, also for k and v (no GQA)
+    mlp = 3 * 32 * 48  # gated: gate, up, down
+    # layer 0 (window 4 of 16): 4 - 16 / 32 = 3.5 keys on average, layer 1: 16 / 2 = 8
+    assert flops_per_token(cfg, seq_len=16) == 6 * (2 * (attention + mlp) + 32 * 100) + 12 * (3.5 + 8) * 48
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mlp": "swiglu", "n_kv_heads": 1, "tie_embeddings": False},
+                                       {"mlp": "geglu", "d_head": 12, "qk_norm": "head", "qkv_bias": True}])
 def test_matmul_params_equal_the_model_kernels(overrides):
     cfg = dataclasses.replace(ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, max_seq_len=16),
                               **overrides)

@@ -16,6 +16,19 @@ VARIANTS = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_heads=2, use_bias=False, tie_embeddings=False),
     "mqa_sinusoidal": dict(position="sinusoidal", n_kv_heads=1),
     "layernorm_nobias_rope": dict(position="rope", use_bias=False),
+    # Qwen3: explicit head width (d_head x n_heads != d_model), per-head q/k RMSNorm, q/k/v biases only
+    "qwen3_style": dict(norm="rmsnorm", mlp="swiglu", position="rope", use_bias=False, qkv_bias=True, d_head=12,
+                        qk_norm="head", n_kv_heads=2),
+    # OLMo 2: post-norms only, q/k RMSNorm over all heads
+    "olmo2_style": dict(norm="rmsnorm", mlp="swiglu", position="rope", use_bias=False, norm_placement="post",
+                        qk_norm="all"),
+    # Gemma 3: (1 + w) RMSNorm, sandwich norms, GeGLU, scaled embeddings and scores, local/global layers
+    "gemma3_style": dict(norm="rmsnorm_plus_one", norm_placement="sandwich", mlp="geglu", position="rope",
+                         use_bias=False, qk_norm="head", scale_embeddings=True, attn_scale_dim=6, sliding_window=3,
+                         sliding_layers="1,0", rope_local_theta=100.0, rope_scaling="linear", rope_factor=2.0),
+    # SmolLM3: RoPE on some layers; Llama 3.1 RoPE scaling
+    "smollm3_style": dict(norm="rmsnorm", mlp="swiglu", position="rope", use_bias=False, rope_layers="0,1",
+                          rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8),
 }
 
 
@@ -100,10 +113,43 @@ def test_segments_do_not_attend_across_documents():
     np.testing.assert_allclose(out[:, 5:], alone, atol=1e-5)
 
 
-def test_logical_axis_names_cover_every_parameter():
-    model = Transformer(dataclasses.replace(BASE, **VARIANTS["llama"]))
+@pytest.mark.parametrize("variant", ["llama", "gemma3_style", "olmo2_style"])
+def test_logical_axis_names_cover_every_parameter(variant):
+    model = Transformer(dataclasses.replace(BASE, **VARIANTS[variant]))
     abstract = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 8), jnp.int32)), jax.random.key(0))
     specs = nn.get_partition_spec(abstract)["params"]
     leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
     assert leaves and all(len(s) >= 1 for s in leaves)
     assert specs["token_embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
+
+
+def test_sliding_window_limits_what_a_position_sees():
+    """Window 3 in each of 2 layers: position i sees tokens i-4..i, so token 0 reaches positions 0-4 only."""
+    model, params = make(position="rope", sliding_window=3)
+    x = tokens()
+    changed = x.at[:, 0].set((x[:, 0] + 1) % BASE.vocab_size)
+    a, b = model.apply({"params": params}, x), model.apply({"params": params}, changed)
+    np.testing.assert_allclose(a[:, 5:], b[:, 5:], atol=1e-6)
+    assert not np.allclose(a[:, 4], b[:, 4])
+
+
+def test_new_flags_add_only_their_own_parameters():
+    _, params = make(**VARIANTS["gemma3_style"])
+    block = params["block_0"]
+    assert set(block) == {"attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm", "attn", "mlp"}
+    assert block["attn"]["query"]["kernel"].shape == (32, 4, 8) and block["attn"]["query_norm"]["scale"].shape == (8,)
+    assert float(jnp.abs(block["attn_norm"]["scale"]).max()) == 0  # (1 + w) with w starting at 0
+    _, params = make(**VARIANTS["qwen3_style"])
+    attn = params["block_0"]["attn"]
+    assert attn["query"]["kernel"].shape == (32, 4, 12) and attn["out"]["kernel"].shape == (4, 12, 32)
+    assert "bias" in attn["value"] and "bias" not in attn["out"] and "bias" not in params["block_0"]["mlp"]["up"]
+    _, params = make(**VARIANTS["olmo2_style"])
+    assert set(params["block_0"]) == {"attn_post_norm", "mlp_post_norm", "attn", "mlp"}
+    assert params["block_0"]["attn"]["key_norm"]["scale"].shape == (4 * 8,)  # all K x H of the key projection
+
+
+def test_scan_refuses_layers_that_differ():
+    from lm.errors import LMError
+
+    with pytest.raises(LMError, match="identical blocks"):
+        make(position="rope", rope_layers="1,0", scan_layers=True)

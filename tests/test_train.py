@@ -109,6 +109,20 @@ def test_eval_scores_every_token_once(trained, tmp_path):
     assert exact["loss"] == pytest.approx(losses.mean(), rel=1e-5)
 
 
+def test_new_model_flags_train_from_scratch(tiny_config):
+    """Qwen3's per-head q/k RMSNorm and explicit head width (4 x 24 != d_model 64) with GQA, and Gemma 3's
+    (1 + w) RMSNorm, sandwich norms, GeGLU, scaled embeddings and a window of 8 (of 32) on every other
+    layer with its own RoPE base, in one tiny model trained from scratch."""
+    cfg = tiny_config("model.position=rope", "model.use_bias=false", "model.qk_norm=head", "model.d_head=24",
+                      "model.n_kv_heads=2", "model.norm=rmsnorm_plus_one", "model.norm_placement=sandwich",
+                      "model.mlp=geglu", "model.scale_embeddings=true", "model.sliding_window=8",
+                      "model.sliding_layers=1,0", "model.rope_local_theta=1000", "train.steps=12", "eval.every=0",
+                      "checkpoint.every=12", "log.every=4")
+    losses = [r["loss"] for r in train(cfg) if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5  # from ~ln(259) = 5.56
+
+
 @pytest.mark.parametrize("n, seq_len, stride", [(100, 16, None), (100, 16, 4), (17, 16, None), (5, 16, 3), (64, 8, 8)])
 def test_eval_windows_weight_each_target_once(n, seq_len, stride):
     tokens = np.arange(n)

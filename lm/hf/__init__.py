@@ -1,4 +1,4 @@
-"""Hugging Face interop: import Llama / GPT-2 checkpoints as runs, export runs back.
+"""Hugging Face interop: import checkpoints of the supported families as runs, export runs back.
 
     lm hf import HF_DIR RUN_DIR [--tokenizer FILE|byte] [key=value ...]    (or python -m lm.hf import ...)
     lm hf export RUN_DIR HF_DIR [--step N]

@@ -76,13 +76,30 @@ def read_config(hf_dir: str | pathlib.Path) -> ModelConfig:
 def read_params(hf_dir: str | pathlib.Path, cfg: ModelConfig) -> dict:
     """The checkpoint's weights as our numpy parameter tree for `cfg` (from read_config, maybe re-typed)."""
     tensors = read_tensors(pathlib.Path(hf_dir))
-    if cfg.mlp == "gelu":
+    if cfg.position == "learned":  # GPT-2
         params = hf_weights.gpt2_to_params(hf_weights.Tensors(tensors, "transformer."), cfg)
     else:
         params = hf_weights.llama_to_params(hf_weights.Tensors(tensors), cfg)
     dtype = jnp.dtype(cfg.param_dtype)
     params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
     return hf_weights.stack_blocks(params, cfg.n_layers) if cfg.scan_layers else params
+
+
+def read_eos_ids(hf_dir: pathlib.Path, hf: dict, tok: hf_tokenizer.HFTokenizer, vocab_size: int) -> tuple[int, ...]:
+    """The model's end-of-sequence ids: generation_config.json's eos_token_id (an int or a list), else
+    config.json's, else the EOS token the tokenizer files name; () when none says."""
+    generation = hf_dir / "generation_config.json"
+    for source in ((_read_json(generation) if generation.is_file() else {}), hf):
+        value = source.get("eos_token_id")
+        if value is not None:
+            ids = [value] if isinstance(value, int) else value
+            break
+    else:
+        ids = list(tok.declared_eos_ids())
+    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+        raise LMError(f"'{hf_dir}' gives eos_token_id {ids!r}, not ids below the model's vocabulary of {vocab_size}; "
+                      "fix generation_config.json / config.json.")
+    return tuple(dict.fromkeys(ids))
 
 
 def load(hf_dir: str | pathlib.Path, **model_overrides) -> tuple[Transformer, dict]:
@@ -95,15 +112,12 @@ def load(hf_dir: str | pathlib.Path, **model_overrides) -> tuple[Transformer, di
     return model, jax.tree.map(jnp.asarray, read_params(hf_dir, cfg))
 
 
-# Model keys an import may override: they change how the model runs, not its weights.
-RUNTIME_KEYS = ("dtype", "param_dtype", "attention", "remat", "scan_layers", "dropout")
-
-
 def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, overrides: list[str] = (),
                tokenizer: str | None = None) -> pathlib.Path:
     """Writes a run directory (config.yaml, tokenizer, checkpoint at step 0) that train.py and eval.py use."""
     hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir)
     model_cfg = read_config(hf_dir)
+    hf = _read_json(hf_dir / "config.json")
     if (run_dir / rundir.CHECKPOINT_DIR).exists():
         raise LMError(f"run_dir '{run_dir}' already holds checkpoints; import into a new directory.")
     flat = config_lib.flatten({"model": dataclasses.asdict(model_cfg)})
@@ -112,9 +126,9 @@ def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, override
     flat.update(config_lib.parse_overrides(list(overrides)))
     cfg = config_lib.from_flat(flat)
     changed = [k for k, v in dataclasses.asdict(cfg.model).items() if v != getattr(model_cfg, k)]
-    if set(changed) - set(RUNTIME_KEYS):
+    if set(changed) - set(families.RUNTIME_KEYS):
         raise LMError(f"overrides change the imported model's architecture ({', '.join(changed)}); "
-                      f"only model.{', model.'.join(RUNTIME_KEYS)} may change.")
+                      f"only model.{', model.'.join(families.RUNTIME_KEYS)} may change.")
 
     source = tokenizer or hf_tokenizer.find_source(hf_dir)
     if source is None:
@@ -124,6 +138,8 @@ def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, override
     if tok.vocab_size > model_cfg.vocab_size:
         raise LMError(f"the tokenizer has {tok.vocab_size} ids but the model only {model_cfg.vocab_size}; "
                       "pass the tokenizer the model was trained with.")
+    if source != "byte":
+        tok.eos_ids = read_eos_ids(hf_dir, hf, tok, model_cfg.vocab_size)
     params = read_params(hf_dir, cfg.model)
 
     run_dir = rundir.prepare(cfg)
@@ -155,10 +171,13 @@ def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: in
     run = restore_run(run_dir, step, batch_size=1)
     cfg = run.cfg.model
     config = families.hf_config(cfg)  # refuse before writing anything
+    eos_ids = list(run.tokenizer.eos_ids)
+    if eos_ids:
+        config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     params = jax.tree.map(np.asarray, jax.device_get(run.params))
     if cfg.scan_layers:
         params = hf_weights.unstack_blocks(params, cfg.n_layers)
-    to_hf = hf_weights.params_to_llama if config["model_type"] == "llama" else hf_weights.params_to_gpt2
+    to_hf = hf_weights.params_to_gpt2 if config["model_type"] == "gpt2" else hf_weights.params_to_llama
     tensors = {k: np.ascontiguousarray(v) for k, v in to_hf(params, cfg).items()}
     hf_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})

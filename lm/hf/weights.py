@@ -1,12 +1,15 @@
-"""Weight layouts: Hugging Face Llama / GPT-2 tensors <-> our parameter tree (numpy, both ways).
+"""Weight layouts: Hugging Face tensors <-> our parameter tree (numpy, both ways).
 
-HF Llama uses torch `Linear` weights [out, in]; GPT-2 uses `Conv1D` weights [in, out]
-with q, k, v fused in `c_attn`. Ours are Flax kernels [in, ...out] with heads split:
-query [D, N, H], key/value [D, K, H], out [N, H, D]. Llama's HF checkpoints already use
-the rotate-half RoPE layout that `lm.layers.apply_rope` implements, so no permutation.
+The Llama-named families (families.FAMILIES) use torch `Linear` weights [out, in]; GPT-2 uses
+`Conv1D` weights [in, out] with q, k, v fused in `c_attn`. Ours are Flax kernels [in, ...out]
+with heads split: query [D, N, H], key/value [D, K, H], out [N, H, D]. `llama_layout` lists every
+tensor of a Llama-named checkpoint once, for both directions. Their HF checkpoints already use
+the rotate-half RoPE layout that `lm.model.layers.apply_rope` implements, so no permutation.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -45,18 +48,8 @@ class Tensors:
     def check_consumed(self) -> None:
         if self._t:
             names = ", ".join(sorted(self._t)[:5])
-            raise LMError(f"the checkpoint has tensors this architecture does not use ({names}); "
-                          "it is not a plain LlamaForCausalLM / GPT2LMHeadModel.")
-
-
-def _linear_in(t: Tensors, name: str, out_shape: tuple[int, ...], d_in: int) -> np.ndarray:
-    """torch Linear weight [out, in] -> kernel [in, *out_shape]."""
-    return t.take(name, (int(np.prod(out_shape)), d_in)).T.reshape((d_in,) + out_shape)
-
-
-def _linear_out(kernel: np.ndarray) -> np.ndarray:
-    """kernel [in..., out...] with a single output or input group -> torch Linear [out, in]."""
-    return np.ascontiguousarray(kernel.reshape(kernel.shape[0], -1).T)
+            raise LMError(f"the checkpoint has tensors its config.json's architecture does not use ({names}); "
+                          "lm imports only what it computes exactly, so it cannot import this one.")
 
 
 def _layer_norm(t: Tensors, name: str, d: int, bias: bool) -> dict:
@@ -66,57 +59,90 @@ def _layer_norm(t: Tensors, name: str, d: int, bias: bool) -> dict:
     return out
 
 
-def llama_to_params(t: Tensors, cfg: ModelConfig) -> dict:
-    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
-    params = {"token_embed": {"embedding": t.take("model.embed_tokens.weight", (cfg.vocab_size, D))}}
+# Our block norms -> HF names, by model.norm_placement (OLMo 2 and Gemma 3 reuse post_attention_layernorm).
+NORM_NAMES = {
+    "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "post": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
+    "sandwich": {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor: our parameter path and shape, its HF name and shape; `linear`: a torch Linear weight
+    [out, in], so ours is its transpose ([in..., out...])."""
+
+    path: tuple[str, ...]
+    name: str
+    shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+    linear: bool = False
+
+    def to_ours(self, value: np.ndarray) -> np.ndarray:
+        return (value.T if self.linear else value).reshape(self.shape)
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(value.reshape(self.hf_shape[::-1]).T if self.linear else value.reshape(self.hf_shape))
+
+
+def llama_layout(cfg: ModelConfig) -> list[Entry]:
+    """Every tensor of a Llama-named checkpoint (Llama, Qwen2/3, Mistral, SmolLM3, OLMo 2, Gemma 3) for cfg."""
+    D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
+
+    def linear(path, name, d_in, d_out, bias):
+        entries = [Entry(path + ("kernel",), f"{name}.weight", d_in + d_out,
+                         (int(np.prod(d_out)), int(np.prod(d_in))), linear=True)]
+        if bias:
+            entries.append(Entry(path + ("bias",), f"{name}.bias", d_out, (int(np.prod(d_out)),)))
+        return entries
+
+    def vector(path, name, shape):
+        return Entry(path, name, shape, (int(np.prod(shape)),))
+
+    entries = [Entry(("token_embed", "embedding"), "model.embed_tokens.weight", (V, D), (V, D))]
+    in_bias = cfg.use_bias or cfg.qkv_bias
+    norm_shapes = {"head": ((H,), (H,)), "all": ((N * H,), (K * H,))}.get(cfg.qk_norm)
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-
-        def dense(name, out_shape, d_in=D, kernel_reshape=None):
-            leaf = {"kernel": _linear_in(t, f"{p}{name}.weight", out_shape, d_in)}
-            if kernel_reshape:
-                leaf["kernel"] = leaf["kernel"].reshape(kernel_reshape)
-            if cfg.use_bias:
-                leaf["bias"] = t.take(f"{p}{name}.bias", (int(np.prod(out_shape)),)).reshape(out_shape)
-            return leaf
-
-        params[f"block_{i}"] = {
-            "attn_norm": _layer_norm(t, f"{p}input_layernorm", D, False),
-            "attn": {"query": dense("self_attn.q_proj", (N, H)), "key": dense("self_attn.k_proj", (K, H)),
-                     "value": dense("self_attn.v_proj", (K, H)),
-                     "out": dense("self_attn.o_proj", (D,), N * H, (N, H, D))},
-            "mlp_norm": _layer_norm(t, f"{p}post_attention_layernorm", D, False),
-            "mlp": {"gate": dense("mlp.gate_proj", (F,)), "up": dense("mlp.up_proj", (F,)),
-                    "down": dense("mlp.down_proj", (D,), F)},
-        }
-    params["final_norm"] = _layer_norm(t, "model.norm", D, False)
+        b, p = f"block_{i}", f"model.layers.{i}."
+        entries += [vector((b, ours, "scale"), f"{p}{theirs}.weight", (D,))
+                    for ours, theirs in NORM_NAMES[cfg.norm_placement].items()]
+        entries += linear((b, "attn", "query"), f"{p}self_attn.q_proj", (D,), (N, H), in_bias)
+        entries += linear((b, "attn", "key"), f"{p}self_attn.k_proj", (D,), (K, H), in_bias)
+        entries += linear((b, "attn", "value"), f"{p}self_attn.v_proj", (D,), (K, H), in_bias)
+        entries += linear((b, "attn", "out"), f"{p}self_attn.o_proj", (N, H), (D,), cfg.use_bias)
+        if norm_shapes:
+            entries += [vector((b, "attn", "query_norm", "scale"), f"{p}self_attn.q_norm.weight", norm_shapes[0]),
+                        vector((b, "attn", "key_norm", "scale"), f"{p}self_attn.k_norm.weight", norm_shapes[1])]
+        for ours, d_in, d_out in (("gate", D, F), ("up", D, F), ("down", F, D)):
+            entries += linear((b, "mlp", ours), f"{p}mlp.{ours}_proj", (d_in,), (d_out,), cfg.use_bias)
+    entries.append(vector(("final_norm", "scale"), "model.norm.weight", (D,)))
     if not cfg.tie_embeddings:
-        params["head"] = {"kernel": t.take("lm_head.weight", (cfg.vocab_size, D)).T}
-    elif t.has("lm_head.weight"):  # tied checkpoints sometimes store the copy
-        t.take("lm_head.weight", (cfg.vocab_size, D))
+        entries += linear(("head",), "lm_head", (D,), (V,), False)
+    return entries
+
+
+def llama_to_params(t: Tensors, cfg: ModelConfig) -> dict:
+    params: dict = {}
+    for entry in llama_layout(cfg):
+        *parents, leaf = entry.path
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = entry.to_ours(t.take(entry.name, entry.hf_shape))
+    if cfg.tie_embeddings and t.has("lm_head.weight"):  # tied checkpoints sometimes store the copy
+        t.take("lm_head.weight", (cfg.vocab_size, cfg.d_model))
     t.check_consumed()
     return params
 
 
 def params_to_llama(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    out = {"model.embed_tokens.weight": params["token_embed"]["embedding"],
-           "model.norm.weight": params["final_norm"]["scale"]}
-    names = {("attn", "query"): "self_attn.q_proj", ("attn", "key"): "self_attn.k_proj",
-             ("attn", "value"): "self_attn.v_proj", ("attn", "out"): "self_attn.o_proj",
-             ("mlp", "gate"): "mlp.gate_proj", ("mlp", "up"): "mlp.up_proj", ("mlp", "down"): "mlp.down_proj"}
-    for i in range(cfg.n_layers):
-        block, p = params[f"block_{i}"], f"model.layers.{i}."
-        out[f"{p}input_layernorm.weight"] = block["attn_norm"]["scale"]
-        out[f"{p}post_attention_layernorm.weight"] = block["mlp_norm"]["scale"]
-        for (group, ours), theirs in names.items():
-            leaf = block[group][ours]
-            kernel = leaf["kernel"]
-            out[f"{p}{theirs}.weight"] = (_linear_out(kernel) if ours != "out"
-                                          else np.ascontiguousarray(kernel.reshape(-1, kernel.shape[-1]).T))
-            if "bias" in leaf:
-                out[f"{p}{theirs}.bias"] = leaf["bias"].reshape(-1)
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(params["head"]["kernel"].T)
+    out = {}
+    for entry in llama_layout(cfg):
+        value = params
+        for key in entry.path:
+            value = value[key]
+        out[entry.name] = entry.to_hf(np.asarray(value))
     return out
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lm.config import ModelConfig
 from lm.errors import LMError
-from lm.model.layers import Kernels, apply_rope, normal_init, zeros_init
+from lm.model.layers import Kernels, apply_rope, make_norm, normal_init, rope_frequencies, zeros_init
 
 IMPLEMENTATIONS = ("xla", "cudnn")
 
@@ -53,37 +53,46 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
 class Attention(nn.Module):
     """Causal self-attention with n_kv_heads <= n_heads (multi-head, grouped- or multi-query).
 
-    With `decode=True` keys and values are kept in a "cache" collection ([B, S, K, H] plus
-    a write index): each call appends its T positions and attends to everything cached so
-    far, so generating one token costs one position. `model.init` on a [B, S] input sizes it.
+    Block `layer` of the stack decides the layer's sliding window and RoPE (ModelConfig.layer_window,
+    layer_rope). Queries and keys are optionally normalised before RoPE (model.qk_norm: per head,
+    or over all heads' projection as OLMo 2 does). With `decode=True` keys and values are kept in a
+    "cache" collection ([B, S, K, H] plus a write index): each call appends its T positions and
+    attends to everything cached so far (within the window), so generating one token costs one
+    position. `model.init` on a [B, S] input sizes it.
     """
 
     cfg: ModelConfig
     decode: bool = False
     kernels: Kernels = Kernels()
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         cfg = self.cfg
         N, K, H = cfg.n_heads, cfg.kv_heads, cfg.head_dim
 
-        def project(features, names, name):
+        def project(features, names, name, bias):
             return nn.DenseGeneral(
-                features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 kernel_init=normal_init(cfg.init_std, ("embed",) + names),
                 bias_init=zeros_init(names), dot_general=self.kernels.dot_general, name=name)(x_BxTxD)
 
-        q_BxTxNxH = project((N, H), ("heads", "head_dim"), "query")
-        k_BxTxKxH = project((K, H), ("kv_heads", "head_dim"), "key")
-        v_BxTxKxH = project((K, H), ("kv_heads", "head_dim"), "value")
-        if cfg.position == "rope":
-            q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
-            k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        in_bias = cfg.use_bias or cfg.qkv_bias
+        q_BxTxNxH = self._qk_norm(project((N, H), ("heads", "head_dim"), "query", in_bias), "query_norm")
+        k_BxTxKxH = self._qk_norm(project((K, H), ("kv_heads", "head_dim"), "key", in_bias), "key_norm")
+        v_BxTxKxH = project((K, H), ("kv_heads", "head_dim"), "value", in_bias)
+        rope = cfg.layer_rope(self.layer)
+        if rope is not None:
+            inv_freq_F = rope_frequencies(cfg, *rope)
+            q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_F)
+            k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_F)
+        window = cfg.layer_window(self.layer)
+        scale = cfg.attn_scale_dim ** -0.5 if cfg.attn_scale_dim else None
         if self.decode:  # one query position per step: memory-bound, and the cache mask is arbitrary
-            k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS = self._extend_cache(k_BxTxKxH, v_BxTxKxH)
-            out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS, causal=False)
+            k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS = self._extend_cache(k_BxTxKxH, v_BxTxKxH, window)
+            out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS, causal=False, scale=scale)
         else:
-            out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT,
+            out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, window=window, scale=scale,
                                  implementation=self.kernels.attention)
         return nn.DenseGeneral(
             x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
@@ -91,8 +100,18 @@ class Attention(nn.Module):
             kernel_init=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layers), ("heads", "head_dim", "embed")),
             bias_init=zeros_init(("embed",)), dot_general=self.kernels.dot_general, name="out")(out_BxTxNxH)
 
-    def _extend_cache(self, k_BxTxKxH, v_BxTxKxH):
-        """Writes this chunk at the cache index; returns all cached keys/values [B, S, K, H] and the mask."""
+    def _qk_norm(self, x_BxTxNxH, name: str):
+        """model.qk_norm of queries or keys: per head (over H), over all heads (N x H), or none."""
+        if self.cfg.qk_norm == "head":
+            return make_norm(self.cfg, name)(x_BxTxNxH)
+        if self.cfg.qk_norm == "all":
+            flat_BxTxNH = x_BxTxNxH.reshape(x_BxTxNxH.shape[:2] + (-1,))
+            return make_norm(self.cfg, name)(flat_BxTxNH).reshape(x_BxTxNxH.shape)
+        return x_BxTxNxH
+
+    def _extend_cache(self, k_BxTxKxH, v_BxTxKxH, window: int | None):
+        """Writes this chunk at the cache index; returns all cached keys/values [B, S, K, H] and the mask
+        (slot j visible to the query at position i iff j <= i, and i - window < j on a sliding layer)."""
         key = self.variable("cache", "cached_key", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
         value = self.variable("cache", "cached_value", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
@@ -100,5 +119,8 @@ class Attention(nn.Module):
         key.value = jax.lax.dynamic_update_slice(key.value, k_BxTxKxH.astype(key.value.dtype), (0, start, 0, 0))
         value.value = jax.lax.dynamic_update_slice(value.value, v_BxTxKxH.astype(value.value.dtype), (0, start, 0, 0))
         index.value = start + T
-        mask_1x1xTxS = (jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None])[None, None]
-        return key.value, value.value, mask_1x1xTxS
+        slot_1xS, query_Tx1 = jnp.arange(S)[None, :], start + jnp.arange(T)[:, None]
+        visible_TxS = slot_1xS <= query_Tx1
+        if window is not None:
+            visible_TxS &= slot_1xS > query_Tx1 - window
+        return key.value, value.value, visible_TxS[None, None]

@@ -8,12 +8,14 @@ T length, D model width, N query heads, K key/value heads, H head width, F hidde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.config import ModelConfig
 
@@ -48,11 +50,29 @@ def sinusoidal_BxTxD(positions_BxT: jax.Array, d_model: int) -> jax.Array:
     return jnp.pad(enc, ((0, 0), (0, 0), (0, d_model - 2 * half)))
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig, theta: float, scaled: bool) -> np.ndarray:
+    """The inverse frequencies [H/2] of RoPE with base `theta`, after cfg.rope_scaling when `scaled`.
+
+    linear: all divided by rope_factor. llama3 (Llama 3.1): wavelengths longer than
+    rope_original_max_len / rope_low_freq_factor are divided by rope_factor, those shorter than
+    rope_original_max_len / rope_high_freq_factor kept, the band between interpolated smoothly.
+    Computed in float64, then used in float32.
+    """
+    half = cfg.head_dim // 2
+    inv_freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+    if scaled and cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif scaled and cfg.rope_scaling == "llama3":
+        low, high, old_len = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+        smooth = np.clip((old_len * inv_freq / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_F: np.ndarray) -> jax.Array:
     """Rotary position embedding, in the rotate-half layout Llama uses."""
     half = x_BxTxNxH.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_BxTx1xF = (positions_BxT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
+    angles_BxTx1xF = (positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_F))[:, :, None, :]
     cos, sin = jnp.cos(angles_BxTx1xF), jnp.sin(angles_BxTx1xF)
     x = x_BxTxNxH.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
@@ -60,17 +80,34 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> 
     return rotated.astype(x_BxTxNxH.dtype)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis, statistics in float32; with `plus_one` the
+    factor is (1 + scale), scale starting at 0 (Gemma)."""
+
+    epsilon: float
+    dtype: str
+    param_dtype: str
+    plus_one: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = zeros_init(("norm",)) if self.plus_one else ones_init(("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
-    """Pre-norm layer: LayerNorm (optionally without bias) or RMSNorm; statistics in float32."""
-    common = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  scale_init=ones_init(("norm",)), name=name)
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(**common)
-    return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=zeros_init(("norm",)), **common)
+    """LayerNorm (optionally without bias) or RMSNorm (scale, or 1 + scale); statistics in float32."""
+    if cfg.norm != "layernorm":
+        return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, plus_one=cfg.norm == "rmsnorm_plus_one", name=name)
+    return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.use_bias,
+                        scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)), name=name)
 
 
 class MLP(nn.Module):
-    """Feed-forward: GELU (GPT-2) or SwiGLU (Llama)."""
+    """Feed-forward: GELU (GPT-2), SwiGLU (Llama) or GeGLU with the tanh GELU (Gemma)."""
 
     cfg: ModelConfig
     kernels: Kernels = Kernels()
@@ -85,9 +122,10 @@ class MLP(nn.Module):
                             dot_general=self.kernels.dot_general, name=name)
 
         up = dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "up")
-        if cfg.mlp == "swiglu":
-            gate = dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "gate")
-            h_BxTxF = nn.silu(gate(x_BxTxD)) * up(x_BxTxD)
+        if cfg.mlp in ("swiglu", "geglu"):
+            gate_BxTxF = dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "gate")(x_BxTxD)
+            act = nn.silu if cfg.mlp == "swiglu" else functools.partial(nn.gelu, approximate=True)
+            h_BxTxF = act(gate_BxTxF) * up(x_BxTxD)
         else:
             h_BxTxF = nn.gelu(up(x_BxTxD), approximate=True)
         down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)

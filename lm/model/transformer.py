@@ -1,4 +1,4 @@
-"""The decoder-only Transformer: embeddings, pre-norm blocks, final norm, output head."""
+"""The decoder-only Transformer: embeddings, blocks (pre-, post- or sandwich-norm), final norm, output head."""
 
 from __future__ import annotations
 
@@ -7,29 +7,42 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
+from lm.errors import LMError
 from lm.model.attention import Attention
 from lm.model.layers import MLP, Kernels, make_norm, normal_init, sinusoidal_BxTxD
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, None) so nn.scan can stack it."""
+    """One attention + MLP block; model.norm_placement puts the norms around each branch f:
+    pre: x + f(norm(x)); post: x + norm(f(x)) (OLMo 2); sandwich: x + norm(f(norm(x))) (Gemma).
+    `layer` (its index) decides its window and RoPE. Returns (x, None) so nn.scan can stack it."""
 
     cfg: ModelConfig
     deterministic: bool = True
     decode: bool = False
     activation_sharding: jax.sharding.Sharding | None = None
     kernels: Kernels = Kernels()
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         cfg = self.cfg
         x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h = Attention(cfg, self.decode, self.kernels, name="attn")(make_norm(cfg, "attn_norm")(x_BxTxD),
-                                                                   positions_BxT, mask_Bx1xTxT)
-        x_BxTxD = x_BxTxD + drop(h)
-        h = MLP(cfg, self.kernels, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
-        return x_BxTxD + drop(h), None
+        attn = Attention(cfg, self.decode, self.kernels, self.layer, name="attn")
+        x_BxTxD = x_BxTxD + drop(self._branch("attn", lambda h: attn(h, positions_BxT, mask_Bx1xTxT), x_BxTxD))
+        mlp = MLP(cfg, self.kernels, name="mlp")
+        return x_BxTxD + drop(self._branch("mlp", mlp, x_BxTxD)), None
+
+    def _branch(self, name: str, f, x_BxTxD):
+        """f with the norms model.norm_placement puts around it (named NAME_norm before, NAME_post_norm after)."""
+        placement = self.cfg.norm_placement
+        if placement != "post":
+            x_BxTxD = make_norm(self.cfg, f"{name}_norm")(x_BxTxD)
+        h_BxTxD = f(x_BxTxD)
+        if placement != "pre":
+            h_BxTxD = make_norm(self.cfg, f"{name}_post_norm")(h_BxTxD)
+        return h_BxTxD
 
 
 def constrain(x_BxTxD: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
@@ -80,6 +93,8 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="token_embed")
         x_BxTxD = embed(tokens_BxT)
+        if cfg.scale_embeddings:
+            x_BxTxD = x_BxTxD * jnp.asarray(cfg.d_model ** 0.5, x_BxTxD.dtype)
         if cfg.position == "learned":
             x_BxTxD += nn.Embed(cfg.max_seq_len, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                 embedding_init=normal_init(cfg.init_std, ("position", "embed")),
@@ -91,13 +106,16 @@ class Transformer(nn.Module):
 
         block = _block_class(cfg)
         if cfg.scan_layers:
+            if not cfg.uniform_layers:  # validate() says so for configs; this guards hand-built ones
+                raise LMError("model.scan_layers=true needs identical blocks (same window and RoPE); "
+                              "set model.scan_layers=false.")
             stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x_BxTxD, _ = stack(*block_args, name="blocks")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
         else:
             for i in range(cfg.n_layers):
-                x_BxTxD, _ = block(*block_args, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+                x_BxTxD, _ = block(*block_args, layer=i, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
 
         x_BxTxD = make_norm(cfg, "final_norm")(constrain(x_BxTxD, self.activation_sharding))
         if cfg.tie_embeddings:

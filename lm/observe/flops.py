@@ -11,7 +11,8 @@ the embedding, because the head matmul runs either way). Token and position embe
 lookups and do not count; neither do norms, biases or element-wise ops. 6 = 2 (multiply-add)
 x 3 (forward + two backward matmuls). The attention term is QK^T and AV: 2 matmuls x 2 x 3
 = 12 * L * T * d per token for full attention; a causal token attends on average to T/2
-keys, so 6 * L * T * d. Rematerialisation and masked-out work do not count (that would be
+keys, so 6 * L * T * d. A sliding-window layer (window W < T) attends on average to
+W - W^2 / 2T keys, so it counts 12 * (W - W^2 / 2T) * d. Rematerialisation and masked-out work do not count (that would be
 hardware FLOPs), so MFU is a lower bound on how busy the chips are.
 
 MFU = achieved model FLOP/s / (peak FLOP/s per device * devices). The peak comes from
@@ -68,14 +69,17 @@ def matmul_params(cfg: ModelConfig) -> int:
     """N of the module docstring: attention, feed-forward and head matmul weights."""
     d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = d * q + 2 * d * kv + q * d
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ff_dim
+    mlp = (2 if cfg.mlp == "gelu" else 3) * d * cfg.ff_dim  # gated (swiglu, geglu): gate, up, down
     return cfg.n_layers * (attention + mlp) + d * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training model FLOPs per token (forward + backward) at sequence length `seq_len`."""
-    attention = 6 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-    return 6 * matmul_params(cfg) + attention
+    keys_x2 = 0.0  # twice the keys a query attends to on average, summed over layers
+    for layer in range(cfg.n_layers):
+        w = min(cfg.layer_window(layer) or seq_len, seq_len)
+        keys_x2 += 2 * w - w * w / seq_len  # = seq_len without a window (causal: T/2 keys)
+    return 6 * matmul_params(cfg) + round(6 * keys_x2 * cfg.n_heads * cfg.head_dim)
 
 
 def table_peak(device_kind: str, dtype: str) -> float | None:

@@ -1,12 +1,14 @@
 """A pretrained model's own tokenizer, carried into a run: HF `tokenizer.json` or SentencePiece `tokenizer.model`.
 
 `lm.hf import` copies the file into the run directory as `hf_tokenizer.json` or
-`hf_tokenizer.model` and records `{"kind": "hf", "file": ...}` in `tokenizer.json`.
+`hf_tokenizer.model` and records `{"kind": "hf", "file": ..., "eos_ids": [...]}` in `tokenizer.json`
+(the model's end ids, which the import reads from the model's generation_config.json / config.json).
 Both files are data (JSON, protobuf); loading them executes nothing.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import shutil
@@ -27,11 +29,11 @@ class HFTokenizer:
     """Wraps a `tokenizers.Tokenizer` (tokenizer.json) or a `sentencepiece` model (tokenizer.model)."""
 
     kind = "hf"
-    eos_ids: tuple[int, ...] = ()  # not recorded by the import yet
 
-    def __init__(self, path: str | pathlib.Path):
+    def __init__(self, path: str | pathlib.Path, eos_ids: tuple[int, ...] = ()):
         self.path = pathlib.Path(path)
         self.file = self.path.name
+        self.eos_ids = tuple(eos_ids)  # the model's end ids (lm.hf import records them)
         try:
             if self.path.suffix == ".json":
                 try:
@@ -75,8 +77,21 @@ class HFTokenizer:
         """UTF-8 bytes of text each id stands for (0 for special ids), from the token's piece."""
         return self._bytes_V[np.clip(np.asarray(ids), 0, self.vocab_size - 1)]
 
+    def declared_eos_ids(self) -> tuple[int, ...]:
+        """The EOS token the tokenizer files name: `eos_token` of the tokenizer_config.json beside a
+        tokenizer.json, or a SentencePiece model's eos id; () when they name none."""
+        if self.path.suffix != ".json":
+            return (self._tok.eos_id(),) if self._tok.eos_id() >= 0 else ()
+        try:
+            token = json.loads((self.path.parent / "tokenizer_config.json").read_text(encoding="utf-8"))["eos_token"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ()
+        token = token.get("content") if isinstance(token, dict) else token
+        eos = self._tok.token_to_id(token) if isinstance(token, str) else None
+        return () if eos is None else (eos,)
+
     def to_json(self) -> dict:
-        return {"kind": self.kind, "file": self.file, "vocab_size": self.vocab_size}
+        return {"kind": self.kind, "file": self.file, "vocab_size": self.vocab_size, "eos_ids": list(self.eos_ids)}
 
 
 def _piece_bytes(piece: str, special: bool, byte_level: bool) -> int:
@@ -101,13 +116,16 @@ def install(tokenizer: HFTokenizer, run_dir: pathlib.Path) -> HFTokenizer:
     """Copies the tokenizer's file into run_dir as hf_tokenizer.json / .model and returns the copy."""
     target = run_dir / f"hf_tokenizer{tokenizer.path.suffix}"
     shutil.copyfile(tokenizer.path, target)
-    return HFTokenizer(target)
+    return HFTokenizer(target, tokenizer.eos_ids)
 
 
 def load(run_dir: pathlib.Path, spec: dict) -> HFTokenizer:
     """Reopens the tokenizer a run recorded in its tokenizer.json."""
-    file = spec.get("file")
+    file, eos_ids = spec.get("file"), spec.get("eos_ids", [])
     if not isinstance(file, str) or "/" in file or not (run_dir / file).is_file():
         raise LMError(f"run '{run_dir}' names tokenizer file {file!r}, which is missing; "
                       "import the model again with python -m lm.hf import.")
-    return HFTokenizer(run_dir / file)
+    if not isinstance(eos_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
+        raise LMError(f"run '{run_dir}' records eos_ids {eos_ids!r} in tokenizer.json, not a list of ids; "
+                      "restore the file or import the model again.")
+    return HFTokenizer(run_dir / file, tuple(eos_ids))
