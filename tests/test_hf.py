@@ -12,6 +12,7 @@ These tests check against the transformers versions setup.cfg's `hf` extra allow
 from __future__ import annotations
 
 import io
+import copy
 import json
 import math
 import re
@@ -407,3 +408,28 @@ def test_train_with_hf_tokenizer_needs_an_imported_run(tiny_config):
 
     with pytest.raises(LMError, match="lm.hf import"):
         train(tiny_config("data.tokenizer=hf"))
+
+
+def test_greedy_generation_of_an_imported_model_stops_at_its_eos(hf_models, tmp_path):
+    """Weights that make the model's end id (config.json eos_token_id=0) the argmax everywhere: it stops there."""
+    from lm.model.decode import Sampling
+    from lm.tools.generate import Generation
+    from lm.training.restore import restore_run
+
+    model = copy.deepcopy(hf_models["gpt2"][1])
+    eos_dir = tmp_path / "eos_model"
+    shutil.copytree(hf_models["gpt2"][0], eos_dir)
+    with torch.no_grad():  # the final hidden state is ln_f's bias, pointing at the (longest) EOS embedding
+        wte = model.transformer.wte.weight
+        wte[0] = 10 * wte[0] / wte[0].norm() * wte.norm(dim=1).max()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[0])
+    model.save_pretrained(eos_dir)
+    run_dir = hf.import_run(eos_dir, tmp_path / "run", ["train.seq_len=32", "train.batch_size=2"])
+    run = restore_run(run_dir, batch_size=1)
+    assert run.tokenizer.eos_ids == (0,)
+    greedy = Sampling(temperature=0.0)
+    [stopped] = Generation(run, ["To be"], 12, greedy).run_all()
+    assert stopped.stop_reason == "eos" and stopped.tokens == []
+    [kept_going] = Generation(run, ["To be"], 12, greedy, ignore_eos=True).run_all()
+    assert kept_going.stop_reason == "max_new_tokens" and kept_going.tokens == [0] * 12
