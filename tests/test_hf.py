@@ -11,8 +11,8 @@ These tests check against the transformers versions setup.cfg's `hf` extra allow
 
 from __future__ import annotations
 
-import io
 import copy
+import io
 import json
 import math
 import re
