@@ -1,0 +1,259 @@
+"""The config's sections: one frozen dataclass each, their defaults and choices, and their plain-dict form."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+REMAT_POLICIES = (
+    "none",
+    "block",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "nothing_saveable",
+    "everything_saveable",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary size
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: n_heads (multi-head); 1: multi-query; else grouped-query
+    d_head: int = 0  # width of one attention head; 0: d_model // n_heads
+    d_ff: int = 0  # 0: 4 * d_model
+    max_seq_len: int = 1024
+    norm: str = "layernorm"  # layernorm, rmsnorm, or rmsnorm_plus_one (scale 1 + w, w starting at 0: Gemma)
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # pre: x + f(norm(x)); post: x + norm(f(x)) (OLMo 2); sandwich: x + norm(f(norm(x)))
+    qk_norm: str = "none"  # norm of queries and keys before RoPE: none, head (per head), all (over all heads)
+    mlp: str = "gelu"  # gelu, swiglu (silu gate) or geglu (tanh-GELU gate)
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none, linear (positions / rope_factor) or llama3 (Llama 3.1 frequency bands)
+    rope_factor: float = 1.0  # linear and llama3 scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+    rope_original_max_len: int = 8192  # llama3: the context length the model was first trained at
+    rope_local_theta: float = 0.0  # RoPE base of sliding-window layers, unscaled (Gemma 3); 0: as the other layers
+    rope_layers: str = "1"  # which layers apply RoPE: comma-separated 0/1 flags, repeated over the layers
+    sliding_window: int = 0  # key j visible to query i iff i - W < j <= i on sliding layers; 0: no window
+    sliding_layers: str = "1"  # which layers use sliding_window: comma-separated 0/1 flags, repeated over the layers
+    attn_scale_dim: int = 0  # attention scores are scaled by attn_scale_dim ** -0.5; 0: head width
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (in the activation dtype)
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    qkv_bias: bool = False  # biases on the query, key and value projections even when use_bias is false (Qwen2)
+    dropout: float = 0.0
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str = "xla"
+    remat: str = "none"
+    scan_layers: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head or self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer`, or None for full causal attention."""
+        return self.sliding_window if self.sliding_window and _flag(self.sliding_layers, layer) else None
+
+    def layer_rope(self, layer: int) -> tuple[float, bool] | None:
+        """(RoPE base, whether rope_scaling applies) for block `layer`, or None where it has no RoPE."""
+        if self.position != "rope" or not _flag(self.rope_layers, layer):
+            return None
+        if self.rope_local_theta and self.layer_window(layer):
+            return self.rope_local_theta, False
+        return self.rope_theta, True
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every block attends and rotates alike (what model.scan_layers stacks)."""
+        kinds = {(self.layer_window(i), self.layer_rope(i)) for i in range(self.n_layers)}
+        return len(kinds) == 1
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+def _flag(flags: str, layer: int) -> bool:
+    """Flag `layer` of a per-layer pattern such as "1,1,1,0" (repeated over the layers)."""
+    values = flags.split(",")
+    return values[layer % len(values)].strip() == "1"
+
+
+def is_layer_flags(flags: str) -> bool:
+    return all(v.strip() in ("0", "1") for v in flags.split(","))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One entry of data.mixture: own files or a named TFDS dataset, and its share of the training tokens.
+
+    The data keys mean what the single-source keys of the same name mean (docs/data.md).
+    """
+
+    name: str = ""  # names the source in metrics, evaluation and overrides (letters, digits, _ and -)
+    weight: float = 0.0  # expected share of training tokens; normalised over the entries
+    files: str = ""  # comma-separated paths or globs of .txt / .jsonl files (or builtin:NAME)
+    doc_separator: str = ""
+    text_key: str = "text"
+    tfds_name: str = ""
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    text_file: str = ""  # local path, or an http(s)/file URL fetched once into cache_dir
+    sha256: str = ""  # expected SHA-256 of a fetched text_file (checked when set)
+    cache_dir: str = "~/.cache/lm"
+    val_fraction: float = 0.1
+    tokenizer: str = "byte"
+    vocab_size: int = 4096  # sentencepiece: vocabulary to train
+    spm_algorithm: str = "bpe"
+    tokenizer_model: str = ""  # sentencepiece: an existing .model file instead of training one
+    source: str = "text_file"  # text_file: random windows of one file; tfds: packed documents (grain); mixture
+    files: str = ""  # tfds source, own corpus: comma-separated paths or globs of .txt / .jsonl files
+    doc_separator: str = ""  # cut text files into documents at this string ("\n" = newline); "": whole file
+    text_key: str = "text"  # the text field of JSONL lines and of named datasets
+    tfds_name: str = ""  # a named TFDS dataset (prepared as array_record), e.g. tiny_shakespeare
+    tfds_data_dir: str = ""  # "": cache_dir/tfds
+    train_split: str = "train"
+    eval_split: str = "validation"
+    workers: int = 0  # grain worker processes (0: in the training process); per source of a mixture
+    mixture: tuple[MixtureSource, ...] = ()  # data.source=mixture: the weighted sources
+
+    @property
+    def packed(self) -> bool:
+        """Whether batches are packed documents (with segment ids), not windows of one text."""
+        return self.source in ("tfds", "mixture")
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The names of the mixture's sources; () for a single source."""
+        return tuple(entry.name for entry in self.mixture) if self.source == "mixture" else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio after cosine decay
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0: train.steps
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables global-norm clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global, in sequences
+    seq_len: int = 128
+    grad_accum_steps: int = 1
+    skip_nonfinite: bool = False  # drop updates whose loss or gradients are NaN/Inf (else stop the run)
+    preemption_grace_s: float = 30.0  # after SIGTERM: finish the step, checkpoint, exit within this time
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 250  # 0 disables in-training validation
+    batches: int = 20  # random validation batches per in-training estimate
+    batch_size: int = 0  # 0: train.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True  # event files in run_dir (tensorboardX)
+    sample_tokens: int = 64  # greedy continuation logged to TensorBoard at eval steps; 0: none
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    start_step: int = 0  # first traced step
+    steps: int = 0  # steps traced into run_dir/profile; 0: no trace
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    mode: str = "mesh"
+    data: int = -1  # -1: all devices not used by fsdp and tensor
+    fsdp: int = 1
+    tensor: int = 1
+    cpu_devices: int = 0  # JAX devices a CPU host is split into; 0: one per core (lm.parallel.cpu)
+    cpu_chunk_tokens: int = 1024  # CPU: tokens per device in one pass of a step (lm.parallel.cpu); 0: one pass
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+    profile: ProfileConfig = ProfileConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+
+CHOICES = {
+    "model.norm": ("layernorm", "rmsnorm", "rmsnorm_plus_one"),
+    "model.norm_placement": ("pre", "post", "sandwich"),
+    "model.qk_norm": ("none", "head", "all"),
+    "model.mlp": ("gelu", "swiglu", "geglu"),
+    "model.position": ("learned", "sinusoidal", "rope"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn", "auto"),
+    "model.remat": REMAT_POLICIES,
+    "data.tokenizer": ("byte", "sentencepiece", "hf"),
+    "data.spm_algorithm": ("bpe", "unigram"),
+    "data.source": ("text_file", "tfds", "mixture"),
+    "parallel.mode": ("mesh", "pmap"),
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{key}."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain YAML/JSON values (the entries of data.mixture as a list of mappings)."""
+    tree = dataclasses.asdict(config)
+    tree["data"]["mixture"] = list(tree["data"]["mixture"])
+    return tree
