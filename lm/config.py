@@ -21,6 +21,8 @@ from lm.errors import LMError
 REMAT_POLICIES = (
     "none",
     "block",
+    "save_qkv",  # save each block's query/key/value projections; recompute attention and the MLP
+    "save_qkv_attn",  # also the attention output: only norms and the MLP are recomputed
     "dots_saveable",
     "dots_with_no_batch_dims_saveable",
     "nothing_saveable",
@@ -49,6 +51,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
+    splash_block_q: int = 512  # model.attention=splash: query rows per kernel tile (a multiple of 128)
+    splash_block_kv: int = 512  # and key columns per tile; both shrink to divide the sequence
     remat: str = "none"
     scan_layers: bool = False
 
@@ -106,6 +110,7 @@ class TrainConfig:
     batch_size: int = 8  # global, in sequences
     seq_len: int = 128
     grad_accum_steps: int = 1
+    loss_chunk_tokens: int = -1  # tokens per device in one chunk of the cross-entropy; -1: auto, 0: whole
     skip_nonfinite: bool = False  # drop updates whose loss or gradients are NaN/Inf (else stop the run)
     preemption_grace_s: float = 30.0  # after SIGTERM: finish the step, checkpoint, exit within this time
 
@@ -171,7 +176,7 @@ CHOICES = {
     "model.position": ("learned", "sinusoidal", "rope"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn", "auto"),
+    "model.attention": ("xla", "cudnn", "splash", "auto"),
     "model.remat": REMAT_POLICIES,
     "data.tokenizer": ("byte", "sentencepiece", "hf"),
     "data.spm_algorithm": ("bpe", "unigram"),
@@ -339,6 +344,14 @@ def validate(c: Config) -> None:
              "choose n_kv_heads that divides n_heads.")
     _require(m.position != "rope" or m.head_dim % 2 == 0,
              f"model.position=rope needs an even head dimension, but d_model/n_heads={m.head_dim}; change model.d_model or model.n_heads.")
+    for key in ("model.splash_block_q", "model.splash_block_kv"):
+        _require(flat[key] > 0 and flat[key] % 128 == 0,
+                 f"config key '{key}' must be a positive multiple of 128 (the TPU lane width), got {flat[key]}.")
+    _require(m.attention != "splash" or t.seq_len % 128 == 0,
+             f"model.attention=splash needs train.seq_len a multiple of 128, got {t.seq_len}; "
+             "change train.seq_len or use model.attention=auto (XLA attention for such lengths).")
+    _require(t.loss_chunk_tokens >= -1,
+             f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be -1 (auto), 0 (whole) or a token count.")
     _require(t.seq_len <= m.max_seq_len,
              f"train.seq_len={t.seq_len} is above model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len.")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")

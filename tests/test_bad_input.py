@@ -149,6 +149,10 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "unknown_choice": (lambda c: c.train("model.norm=batchnorm"), "choose one of layernorm, rmsnorm"),
     "dropout_out_of_range": (lambda c: c.train("model.dropout=1.5"), "model.dropout=1.5 must be in [0, 1)"),
     "override_without_value": (lambda c: c.train("train.steps"), "is not of the form key=value"),
+    "splash_tile_off_the_lanes": (lambda c: c.train("model.splash_block_q=100"), "must be a positive multiple of 128"),
+    "splash_seq_len_off_the_tiles": (lambda c: c.train("model.attention=splash"),
+                                     "needs train.seq_len a multiple of 128"),
+    "loss_chunk_tokens_below_auto": (lambda c: c.train("train.loss_chunk_tokens=-2"), "must be -1 (auto), 0 (whole)"),
     # config files
     "missing_config_file": (lambda c: c.train(config=str(c.tmp / "nope.yaml")), "does not exist"),
     "malformed_yaml": (lambda c: c.train(config=str(c.file("bad.yaml", "model: [1, 2"))), "is not valid YAML"),
@@ -159,6 +163,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                         "is not valid YAML"),
     "misspelt_key_in_file": (lambda c: c.train(config=str(c.file("typo.yaml", "train:\n  stesp: 3\n"))),
                              "Did you mean 'train.steps'?"),
+    "splash_off_tpu": (lambda c: c.train("model.attention=splash", "model.max_seq_len=128", "train.seq_len=128"),
+                       "model.attention=splash is a TPU kernel but this is cpu"),
     # data files
     "missing_data_file": (lambda c: c.train(f"data.text_file={c.tmp / 'none.txt'}"), "does not exist"),
     "data_file_is_a_directory": (lambda c: c.train(f"data.text_file={c.tmp}"), "is not a file"),
