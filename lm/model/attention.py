@@ -22,7 +22,7 @@ from lm.model.layers import Kernels, apply_rope, normal_init, zeros_init
 
 IMPLEMENTATIONS = ("xla", "cudnn", splash.NAME)
 # Activations a remat policy may keep (lm.model.transformer.REMAT_SAVES): the projections
-# after RoPE, and the attention output (splash: with its log-sum-exp).
+# after RoPE, and attend's output (splash: the kernel's output and log-sum-exp).
 QKV_NAMES = ("query", "key", "value")
 ATTENTION_OUT = "attention_out"
 
@@ -46,6 +46,12 @@ def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str, seq_le
     return "cudnn" if platform == "gpu" and fused_ok and not packed else "xla"
 
 
+def _saveable(x_BxTxNxH: jax.Array, name: str) -> jax.Array:
+    """x, named for remat policies with its heads merged: [B, T, N * H] (TPU tiles would pad a
+    64-wide head dimension to 128 lanes, doubling what the policy keeps)."""
+    return checkpoint_name(x_BxTxNxH.reshape(x_BxTxNxH.shape[:2] + (-1,)), name).reshape(x_BxTxNxH.shape)
+
+
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool = True,
            window: int | None = None, scale: float | None = None, softcap: float | None = None,
            segment_ids_BxT=None, implementation: str | splash.Splash = "xla") -> jax.Array:
@@ -66,6 +72,7 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
         if not causal or mask_Bx1xTxS is not None:
             raise ValueError("attend: splash attention is causal self-attention; pass segment_ids_BxT, not a mask")
         if splash.applies(implementation, q_BxTxNxH.shape[0], q_BxTxNxH.shape[1]):
+            # The kernel names its own output and log-sum-exp: all its backward pass needs.
             return splash.splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, window=window,
                                            scale=scale, softcap=softcap, spec=implementation,
                                            checkpoint_name=ATTENTION_OUT)
@@ -74,10 +81,12 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
         same_doc_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
         mask_Bx1xTxS = same_doc_Bx1xTxT if mask_Bx1xTxS is None else mask_Bx1xTxS & same_doc_Bx1xTxT
     if softcap is not None:
-        return _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, softcap)
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale,
-                                        is_causal=causal, local_window_size=None if window is None else (window - 1, 0),
-                                        implementation=implementation)
+        out_BxTxNxH = _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, softcap)
+    else:
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale, is_causal=causal,
+            local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+    return _saveable(out_BxTxNxH, ATTENTION_OUT)
 
 
 def _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, cap) -> jax.Array:
@@ -127,7 +136,7 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
             k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (checkpoint_name(x, name) for x, name in
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (_saveable(x, name) for x, name in
                                            zip((q_BxTxNxH, k_BxTxKxH, v_BxTxKxH), QKV_NAMES))
         if self.decode:  # one query position per step: memory-bound, and the cache mask is arbitrary
             k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS = self._extend_cache(k_BxTxKxH, v_BxTxKxH)
@@ -135,7 +144,6 @@ class Attention(nn.Module):
         else:
             out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT,
                                  implementation=self.kernels.attention)
-        out_BxTxNxH = checkpoint_name(out_BxTxNxH, ATTENTION_OUT)
         return nn.DenseGeneral(
             x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
