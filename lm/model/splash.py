@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ class Splash:
     batch_axes: tuple[str, ...] = ()  # mesh axes the batch is split over
     head_axis: str | None = None  # mesh axis the heads are split over
     interpret: bool = False
-    name: str = NAME
+    name: ClassVar[str] = NAME
 
     def shards(self, axes) -> int:
         """How many ways the mesh splits along `axes` (1 without a mesh)."""

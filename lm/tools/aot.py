@@ -22,6 +22,7 @@ import numpy as np
 from lm.config import Config, replace
 from lm.errors import LMError
 from lm.observe.flops import flops_per_token
+from lm.parallel.mesh import batch_ways
 
 GIB = 1024**3
 
@@ -184,19 +185,30 @@ def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str, bool
         cost = _cost(compiled, block_q)
         return cost, "the compiled step", cost[1] > 0
     micro = {"train.batch_size": t.batch_size // t.grad_accum_steps, "train.grad_accum_steps": 1,
-             "model.scan_layers": False, "train.loss_chunk_tokens": 0}
+             "model.scan_layers": False}
+
+    def micro_cost(n_layers: int, loss_chunk_tokens: int):
+        trial = replace(cfg, **micro, **{"model.n_layers": n_layers, "train.loss_chunk_tokens": loss_chunk_tokens})
+        trial_rt, trial_compiled = compile_step(trial, devices)
+        return loss_tiling(trial_rt)["loss_chunk_tokens"], _cost(trial_compiled, block_q)
+
     source = "loop-free compiles of one micro-batch with 1 and 2 layers, extrapolated"
-    costs = []
-    for n in (1, 2):
-        try:
-            costs.append(_cost(compile_step(replace(cfg, **micro, **{"model.n_layers": n}), devices)[1], block_q))
-        except Exception as e:  # the untiled logits do not fit: keep the tiling, whose loop is counted once
-            if not refused(e):
-                raise
-            micro["train.loss_chunk_tokens"] = t.loss_chunk_tokens
-            source += " (loss tiled: one chunk of the output layer counted)"
-            costs.append(_cost(compile_step(replace(cfg, **micro, **{"model.n_layers": n}), devices)[1], block_q))
-    one, two = costs
+    try:
+        (_, one), (_, two) = micro_cost(1, 0), micro_cost(2, 0)
+    except Exception as e:
+        if not refused(e):
+            raise
+        # Whole logits do not fit: keep the tiling, whose loop body (one slice) is counted once,
+        # and scale that slice's cost to all of them from a compile with half as many tokens a slice.
+        (slice_tokens, one), (_, two) = micro_cost(1, rt.loss_chunk_tokens), micro_cost(2, rt.loss_chunk_tokens)
+        half_tokens, half = micro_cost(1, max(1, rt.loss_chunk_tokens // 2))
+        if half_tokens < slice_tokens:
+            per_token = (one - half) / (slice_tokens - half_tokens)
+            rest = per_token * (t.batch_size // t.grad_accum_steps * t.seq_len // batch_ways(rt.mesh) - slice_tokens)
+            one, two = one + rest, two + rest
+            source += " (loss tiled: one slice's cost scaled to all)"
+        else:  # slices of one position cannot shrink
+            source += " (loss tiled: only one slice of the output layer counted, an underestimate)"
     micro_step = one + (m.n_layers - 1) * (two - one)
     optimizer = _optimizer_cost(rt)
     return (t.grad_accum_steps * (micro_step - optimizer) + optimizer, source,
@@ -205,11 +217,10 @@ def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str, bool
 
 def loss_tiling(rt) -> dict:
     """How the train step's cross-entropy is tiled: sequence chunks per micro-batch, tokens per device in one."""
-    from lm.parallel.mesh import batch_ways
     from lm.training.step import loss_chunks
 
     t = rt.cfg.train
-    rows = t.batch_size // rt.train_passes // (1 if rt.mapped else batch_ways(rt.mesh))
+    rows = t.batch_size // rt.train_passes // batch_ways(rt.mesh)
     chunks = loss_chunks(rows, t.seq_len, rt.loss_chunk_tokens)
     return {"loss_chunks": chunks, "loss_chunk_tokens": rows * t.seq_len // chunks}
 
