@@ -129,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
                 epilog="Example: lm aot --config configs/llama_1b.yaml --topology v5e:2x4")
     config_args(p)
     p.add_argument("--topology", required=True, help="e.g. v5e:2x4 (v5e-8), v6e:2x4, v4:2x2x1 (v4-8), v5p:2x2x1")
+    p.add_argument("--fit", action="store_true", help="search train.grad_accum_steps, model.remat and the "
+                   "data/fsdp split for the fitting layout with the best estimated step time; print it as "
+                   "key=value overrides (--json: a list under 'overrides')")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("plot", _plot, "Plot loss curves and tokens/s of training runs.",
@@ -294,10 +297,21 @@ def _bench(args) -> None:
 
 
 def _aot(args) -> None:
+    from lm.errors import LMError
     from lm.tools.aot import analyse, format_report
+    from lm.tools.fit import fit, format_fit
 
-    report = analyse(_config(args), args.topology)
-    print(json.dumps(report) if args.json else format_report(report))
+    if not args.fit:
+        report = analyse(_config(args), args.topology)
+        print(json.dumps(report) if args.json else format_report(report))
+        return
+    result = fit(_config(args), args.topology)
+    if args.json:
+        print(json.dumps(result))
+    elif not result["fits"]:
+        raise LMError(format_fit(result))
+    else:
+        print(format_fit(result))
 
 
 def _plot(args) -> None:

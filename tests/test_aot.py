@@ -76,12 +76,57 @@ def test_scanned_accumulated_step_is_costed_like_the_unrolled_one(reports):
 def test_oversized_config_does_not_fit(shakespeare, capsys):
     # Float32 logits alone: 4096 x 64 x 65536 x 4 bytes = 64 GiB, 16 GiB per chip, plus their gradients.
     cli_main(["aot", "--config", "configs/tiny.yaml", "--topology", TOPOLOGY, "--json", f"data.text_file={shakespeare}",
-              "model.vocab_size=65536", "train.batch_size=4096", "train.seq_len=64"])
+              "model.vocab_size=65536", "train.batch_size=4096", "train.seq_len=64", "train.loss_chunk_tokens=0"])
     r = json.loads(capsys.readouterr().out)
     assert not r["fits"] and r["hbm_needed_bytes"] > r["hbm_capacity_bytes"]
     advice = " ".join(r["suggestions"])
     assert "train.grad_accum_steps" in advice and "model.remat=block" in advice and "parallel.fsdp=-1" in advice
     assert "DOES NOT FIT" in aot.format_report(r)
+
+
+SPLASH = ("train.seq_len=1024", "model.max_seq_len=1024")  # whole 128-wide tiles: auto picks splash on TPU
+
+
+def test_splash_step_compiles_and_its_kernels_are_costed(reports):
+    ours, xla = reports("model.attention=auto", *SPLASH), reports()
+    assert (ours["attention"], xla["attention"]) == ("splash", "xla") and ours["fits"]
+    # No [B, N, T, T] scores in HBM: all temporaries take less than one layer's float32 scores would
+    # (2 rows x 2 heads x 1024 x 1024 x 4 bytes per chip).
+    assert ours["hbm_temp_bytes"] < 2 * 2 * 1024 * 1024 * 4
+    # The compiler cannot see into the kernel: its FLOPs are added from the compiled calls' shapes,
+    # per layer a forward (2 matmuls), dq (3) and dkv (4) over the 512 x 512 tiles on and below the
+    # diagonal (3 of 4) of each head and row.
+    assert xla["kernel_flops_per_step"] == 0
+    assert ours["kernel_flops_per_step"] == 2 * (2 + 3 + 4) * 2 * 8 * 2 * 128 * (3 * 512 * 512)
+    assert "splash attention kernels counted analytically" in ours["step_time_source"]
+    for r in (ours, xla):
+        total = r["compiler_flops_per_step"] + r["kernel_flops_per_step"]
+        assert 1.0 < total / r["model_flops_per_step"] < 1.6
+        # Never faster than the roofline: MFU stays within what the model's FLOPs allow.
+        assert r["estimated_step_s"] >= r["roofline_step_s"] > 0
+        assert r["estimated_mfu"] <= r["model_flops_per_step"] / (r["roofline_step_s"] * 4 * r["peak_bf16_flops_per_chip"])
+
+
+def test_a_tiled_loss_whole_logits_cannot_cost_is_costed_tiled(monkeypatch, shakespeare):
+    """When even one layer with whole logits would not fit (here: the compiler made to refuse it),
+    the cost is taken with the tiling kept; XLA counts its loop body, one slice, once, so that
+    slice's cost is scaled to all of them from a compile with half-size slices."""
+    import jax
+
+    compile_step = aot.compile_step
+
+    def refuse_whole_logits(cfg, devices):
+        if cfg.train.loss_chunk_tokens == 0:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Used 99.00G of 15.75G hbm.")
+        return compile_step(cfg, devices)
+
+    monkeypatch.setattr(aot, "compile_step", refuse_whole_logits)
+    cfg = load_config("configs/tiny.yaml", [f"data.text_file={shakespeare}", *TILE_FRIENDLY, "model.vocab_size=4096",
+                                            "train.batch_size=64", "train.seq_len=64", "train.loss_chunk_tokens=256"])
+    r = aot.analyse(cfg, TOPOLOGY)
+    assert (r["loss_chunks"], r["loss_chunk_tokens"]) == (4, 256) and "one slice's cost scaled to all" in r["cost_source"]
+    # The output layer is most of this model's FLOPs: counted once per step, not a quarter of it.
+    assert 1.0 < r["compiler_flops_per_step"] / r["model_flops_per_step"] < 1.5
 
 
 def test_bad_topology_and_missing_libtpu_are_one_line_errors(monkeypatch):
@@ -92,3 +137,62 @@ def test_bad_topology_and_missing_libtpu_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LMError, match=r"pip install"):
         aot.topology_devices("v5e:2x2")
+
+
+def test_fit_searches_cheapest_first_and_stops_early(monkeypatch, capsys):
+    """The search, with the compiler replaced by a memory model: accumulation and remat shrink
+    activations, fsdp the state; the TPU compiler refuses what is far over."""
+    import jax
+
+    extra = {"GiB": 0.0}
+
+    def hbm(c) -> float:  # GiB per chip
+        p = c.parallel
+        fsdp = 1 if p.data == -1 else 4 // p.data
+        rows = c.train.batch_size // c.train.grad_accum_steps // 4
+        per_row = {"none": 1.0, "save_qkv_attn": 0.5, "save_qkv": 0.4, "block": 0.2}[c.model.remat]
+        return 12 / fsdp + rows * per_row + extra["GiB"]
+
+    def compile_step(c, devices):
+        if hbm(c) > 30:
+            raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: Used {hbm(c):.2f}G of 15.75G hbm.")
+        return None, c
+
+    monkeypatch.setattr(aot, "compile_step", compile_step)
+    monkeypatch.setattr(aot, "memory_report", lambda c, chip: {"fits": hbm(c) <= 16, "hbm_needed_bytes": hbm(c) * aot.GIB})
+    monkeypatch.setattr(aot, "compiled_report", lambda c, topology, chip, devices, rt, compiled: {
+        "fits": True, "topology": topology, "hbm_needed_bytes": hbm(c) * aot.GIB, "hbm_capacity_bytes": chip.hbm_bytes,
+        "estimated_step_s": c.train.grad_accum_steps + (1 if c.parallel.data == -1 else 4 // c.parallel.data) / 10,
+        "estimated_mfu": 0.5})
+    args = ["aot", "--config", "configs/tiny.yaml", "--topology", TOPOLOGY, "--fit", "train.batch_size=64"]
+    cli_main(args + ["--json"])
+    r = json.loads(capsys.readouterr().out)
+    # remat none: data x4 fits at accum 4 (12 + 4 rows); fsdp 2 (6 GiB of state) at accum 2, the
+    # better estimate; fsdp 4 is only tried with fewer accumulation steps (1), and misses.
+    assert r["overrides"] == ["train.grad_accum_steps=2", "model.remat=none", "parallel.data=2", "parallel.fsdp=-1"]
+    assert [c["overrides"][0] for c in r["candidates"]] == [f"train.grad_accum_steps={a}" for a in (1, 2, 4, 1, 2, 1)]
+    assert {c["overrides"][1] for c in r["candidates"]} == {"model.remat=none"}  # stopped after the first tier
+    cli_main(args)
+    assert capsys.readouterr().out.splitlines()[-1] == " ".join(r["overrides"])
+    extra["GiB"] = 20.0
+    with pytest.raises(SystemExit) as exit_info:  # nothing fits: one line naming the closest
+        cli_main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert ("the closest, train.grad_accum_steps=16 model.remat=block parallel.data=1 parallel.fsdp=-1, "
+            "needs 23.20 GiB of 16.00 GiB per chip") in err
+    cli_main(args + ["--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert not r["fits"] and r["overrides"] == [] and r["closest"]["hbm_needed_bytes"] == pytest.approx(23.2 * aot.GIB)
+    refused = [c for c in r["candidates"] if c["hbm_needed_bytes"] > 30 * aot.GIB]
+    assert refused and not any(c["fits"] for c in r["candidates"])  # refusals counted at the compiler's figure
+
+
+def test_fit_finds_a_layout_that_fits(reports, shakespeare):
+    from lm.tools.fit import fit
+
+    cfg = load_config("configs/tiny.yaml", [f"data.text_file={shakespeare}", *TILE_FRIENDLY])
+    r = fit(cfg, TOPOLOGY)  # the first candidate fits: no remat, data parallel, no accumulation
+    assert r["fits"] and len(r["candidates"]) == 1
+    assert r["overrides"] == ["train.grad_accum_steps=1", "model.remat=none", "parallel.data=-1", "parallel.fsdp=1"]
+    assert r["hbm_needed_bytes"] == reports()["hbm_needed_bytes"]

@@ -186,6 +186,10 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "resume_on_a_mixture": (lambda c: mixture(c, f"[{GRIMM_ENTRY}]", run_dir=c.copy()),
                             "holds a run on the data.mixture sources none (data.source=text_file) but this config "
                             "names grimm"),
+    "splash_tile_off_the_lanes": (lambda c: c.train("model.splash_block_q=100"), "must be a positive multiple of 128"),
+    "splash_seq_len_off_the_tiles": (lambda c: c.train("model.attention=splash"),
+                                     "needs train.seq_len a multiple of 128"),
+    "loss_chunk_tokens_below_auto": (lambda c: c.train("train.loss_chunk_tokens=-2"), "must be -1 (auto), 0 (whole)"),
     # config files
     "missing_config_file": (lambda c: c.train(config=str(c.tmp / "nope.yaml")), "does not exist"),
     "malformed_yaml": (lambda c: c.train(config=str(c.file("bad.yaml", "model: [1, 2"))), "is not valid YAML"),
@@ -196,6 +200,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
                         "is not valid YAML"),
     "misspelt_key_in_file": (lambda c: c.train(config=str(c.file("typo.yaml", "train:\n  stesp: 3\n"))),
                              "Did you mean 'train.steps'?"),
+    "splash_off_tpu": (lambda c: c.train("model.attention=splash", "model.max_seq_len=128", "train.seq_len=128"),
+                       "model.attention=splash is a TPU kernel but this is cpu"),
     # data files
     "missing_data_file": (lambda c: c.train(f"data.text_file={c.tmp / 'none.txt'}"), "does not exist"),
     "data_file_is_a_directory": (lambda c: c.train(f"data.text_file={c.tmp}"), "is not a file"),

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -98,6 +99,28 @@ def test_remat_and_scan_compute_the_same_function():
     scan_params = init_params(scan_model, jax.random.key(0), 8)
     assert jax.tree.structure(scan_params) == jax.tree.structure(stacked)
     np.testing.assert_allclose(scan_model.apply({"params": stacked}, x), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat,saved", [("save_qkv", {"query", "key", "value"}),
+                                          ("save_qkv_attn", {"query", "key", "value", "attention_out"})])
+def test_named_remat_policies_save_their_activations(remat, saved, capsys):
+    """The backward pass keeps exactly the named activations (also through the CPU's custom-VJP
+    Dense, which these policies keep), and gradients do not change."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from lm.training.runtime import platform_kernels
+
+    model, params = make(**VARIANTS["llama"])
+    cfg = dataclasses.replace(model.cfg, remat=remat)
+    remat_model = Transformer(cfg, kernels=platform_kernels(cfg, "cpu"))
+    assert remat_model.kernels.dot_general is not None
+    x = tokens()
+    loss = lambda m: lambda p: m.apply({"params": p}, x).astype(jnp.float32).std()  # noqa: E731
+    print_saved_residuals(loss(remat_model), params)
+    names = re.findall(r"named '(\w+)'", capsys.readouterr().out)
+    assert set(names) == saved and len(names) == len(saved) * BASE.n_layers
+    grads = [jax.jit(jax.grad(loss(m)))(params) for m in (model, remat_model)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
 
 
 def test_segments_do_not_attend_across_documents():

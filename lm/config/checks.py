@@ -31,6 +31,14 @@ def validate(c: Config) -> None:
         _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
     m, t = c.model, c.train
     _validate_model(m)
+    for key in ("model.splash_block_q", "model.splash_block_kv"):
+        _require(flat[key] > 0 and flat[key] % 128 == 0,
+                 f"config key '{key}' must be a positive multiple of 128 (the TPU lane width), got {flat[key]}.")
+    _require(m.attention != "splash" or t.seq_len % 128 == 0,
+             f"model.attention=splash needs train.seq_len a multiple of 128, got {t.seq_len}; "
+             "change train.seq_len or use model.attention=auto (XLA attention for such lengths).")
+    _require(t.loss_chunk_tokens >= -1,
+             f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be -1 (auto), 0 (whole) or a token count.")
     _require(t.seq_len <= m.max_seq_len,
              f"train.seq_len={t.seq_len} is above model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len.")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")

@@ -8,6 +8,8 @@ from typing import Any
 REMAT_POLICIES = (
     "none",
     "block",
+    "save_qkv",  # save each block's query/key/value projections; recompute attention and the MLP
+    "save_qkv_attn",  # also the attention output: only norms and the MLP are recomputed
     "dots_saveable",
     "dots_with_no_batch_dims_saveable",
     "nothing_saveable",
@@ -51,6 +53,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
+    splash_block_q: int = 512  # model.attention=splash: query rows per kernel tile (a multiple of 128)
+    splash_block_kv: int = 512  # and key columns per tile; both shrink to divide the sequence
     remat: str = "none"
     scan_layers: bool = False
 
@@ -164,6 +168,7 @@ class TrainConfig:
     batch_size: int = 8  # global, in sequences
     seq_len: int = 128
     grad_accum_steps: int = 1
+    loss_chunk_tokens: int = -1  # tokens per device in one chunk of the cross-entropy; -1: auto, 0: whole
     skip_nonfinite: bool = False  # drop updates whose loss or gradients are NaN/Inf (else stop the run)
     preemption_grace_s: float = 30.0  # after SIGTERM: finish the step, checkpoint, exit within this time
 
@@ -232,7 +237,7 @@ CHOICES = {
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn", "auto"),
+    "model.attention": ("xla", "cudnn", "splash", "auto"),
     "model.remat": REMAT_POLICIES,
     "data.tokenizer": ("byte", "sentencepiece", "hf"),
     "data.spm_algorithm": ("bpe", "unigram"),

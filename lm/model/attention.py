@@ -2,7 +2,8 @@
 
 `attend` is the one place scores are computed, with the implementation the runtime chose
 (`resolve`): XLA's `jax.nn.dot_product_attention` everywhere, cuDNN's fused flash attention
-on NVIDIA GPUs. The `Attention` module adds the projections, RoPE and the KV cache.
+on NVIDIA GPUs, Pallas splash attention on TPUs (lm.model.splash). The `Attention` module
+adds the projections, RoPE and the KV cache.
 """
 
 from __future__ import annotations
@@ -12,42 +13,98 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lm.config import ModelConfig
 from lm.errors import LMError
+from lm.model import splash
 from lm.model.layers import Kernels, apply_rope, make_norm, normal_init, rope_frequencies, zeros_init
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", splash.NAME)
+# Activations a remat policy may keep (lm.model.transformer.REMAT_SAVES): the projections
+# after RoPE, and attend's output (splash: the kernel's output and log-sum-exp).
+QKV_NAMES = ("query", "key", "value")
+ATTENTION_OUT = "attention_out"
 
 
-def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str) -> str:
-    """The implementation of model.attention=xla|cudnn|auto on `platform` (the runtime's devices).
+def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str, seq_len: int = 0) -> str:
+    """The implementation of model.attention=xla|cudnn|splash|auto on `platform` (the runtime's devices).
 
     `auto` picks cuDNN's fused flash attention on a GPU where it applies (bf16/fp16, head
-    width a multiple of 8 up to 128, no packed-document mask), and XLA everywhere else.
+    width a multiple of 8 up to 128, no packed-document mask), splash on a TPU for sequences
+    of whole 128-wide tiles (`seq_len`; 0: unknown), and XLA everywhere else.
     """
     if name == "cudnn" and platform != "gpu":
         raise LMError(f"model.attention=cudnn needs an NVIDIA GPU but this is {platform}; use auto or xla.")
+    if name == splash.NAME and platform != "tpu":
+        raise LMError(f"model.attention=splash is a TPU kernel but this is {platform}; use auto or xla.")
     if name != "auto":
         return name
+    if platform == "tpu":
+        return splash.NAME if seq_len and seq_len % splash.LANES == 0 else "xla"
     fused_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if platform == "gpu" and fused_ok and not packed else "xla"
 
 
+def _saveable(x_BxTxNxH: jax.Array, name: str) -> jax.Array:
+    """x, named for remat policies with its heads merged: [B, T, N * H] (TPU tiles would pad a
+    64-wide head dimension to 128 lanes, doubling what the policy keeps)."""
+    return checkpoint_name(x_BxTxNxH.reshape(x_BxTxNxH.shape[:2] + (-1,)), name).reshape(x_BxTxNxH.shape)
+
+
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool = True,
-           window: int | None = None, scale: float | None = None, implementation: str = "xla") -> jax.Array:
+           window: int | None = None, scale: float | None = None, softcap: float | None = None,
+           segment_ids_BxT=None, implementation: str | splash.Splash = "xla") -> jax.Array:
     """softmax(scale * q k^T) v over the keys each query may see: [B, T, N, H].
 
     `causal` hides later keys (query i sees keys j <= i); `window` W (with `causal`) also hides
-    keys W or more positions back (visible iff i - W < j <= i); `mask_Bx1xTxS` (True = visible)
-    hides more, e.g. other documents of a packed row, or cache slots not yet written.
-    `scale` defaults to 1 / sqrt(H).
+    keys W or more positions back (visible iff i - W < j <= i); `segment_ids_BxT` (documents
+    packed in one row, T == S) hides other documents; `mask_Bx1xTxS` (True = visible) hides
+    more, e.g. cache slots not yet written. `scale` defaults to 1 / sqrt(H). `softcap` c
+    squashes the scaled logits to c * tanh(logits / c) (Gemma 2). `implementation`: "xla",
+    "cudnn", or a `Splash` (causal only, no `mask_Bx1xTxS`; a batch the mesh cannot split
+    evenly falls back to XLA).
     """
     if window is not None and not causal:
         raise ValueError("attend: a sliding window needs causal=True (put it in the mask otherwise)")
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale,
-                                        is_causal=causal, local_window_size=None if window is None else (window - 1, 0),
-                                        implementation=implementation)
+    scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(implementation, splash.Splash):
+        if not causal or mask_Bx1xTxS is not None:
+            raise ValueError("attend: splash attention is causal self-attention; pass segment_ids_BxT, not a mask")
+        if splash.applies(implementation, q_BxTxNxH.shape[0], q_BxTxNxH.shape[1]):
+            # The kernel names its own output and log-sum-exp: all its backward pass needs.
+            return splash.splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, window=window,
+                                           scale=scale, softcap=softcap, spec=implementation,
+                                           checkpoint_name=ATTENTION_OUT)
+        implementation = "xla"
+    if segment_ids_BxT is not None:
+        same_doc_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+        mask_Bx1xTxS = same_doc_Bx1xTxT if mask_Bx1xTxS is None else mask_Bx1xTxS & same_doc_Bx1xTxT
+    if softcap is not None:
+        out_BxTxNxH = _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, softcap)
+    else:
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale, is_causal=causal,
+            local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+    return _saveable(out_BxTxNxH, ATTENTION_OUT)
+
+
+def _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, cap) -> jax.Array:
+    """attend's soft-capped logits, spelled out in XLA (jax.nn.dot_product_attention has no cap)."""
+    B, T, N, H = q_BxTxNxH.shape
+    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
+    logits_BxKxGxTxS = cap * jnp.tanh(logits / cap)
+    i, j = jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+    visible_Bx1x1xTxS = jnp.ones((1, 1, 1, T, S), bool)
+    if causal:
+        visible_Bx1x1xTxS = visible_Bx1x1xTxS & (j <= i) & (i - (window or S + T) < j)
+    if mask_Bx1xTxS is not None:
+        visible_Bx1x1xTxS = visible_Bx1x1xTxS & mask_Bx1xTxS[:, :, None]
+    logits_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", weights, v_BxSxKxH).reshape(B, T, N, H)
 
 
 class Attention(nn.Module):
@@ -67,7 +124,7 @@ class Attention(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT=None):
         cfg = self.cfg
         N, K, H = cfg.n_heads, cfg.kv_heads, cfg.head_dim
 
@@ -86,13 +143,16 @@ class Attention(nn.Module):
             inv_freq_F = rope_frequencies(cfg, *rope)
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_F)
             k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_F)
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (_saveable(x, name) for x, name in
+                                           zip((q_BxTxNxH, k_BxTxKxH, v_BxTxKxH), QKV_NAMES))
         window = cfg.layer_window(self.layer)
         scale = cfg.attn_scale_dim ** -0.5 if cfg.attn_scale_dim else None
         if self.decode:  # one query position per step: memory-bound, and the cache mask is arbitrary
             k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS = self._extend_cache(k_BxTxKxH, v_BxTxKxH, window)
             out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS, causal=False, scale=scale)
         else:
-            out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, window=window, scale=scale,
+            out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window=window, scale=scale,
+                                 segment_ids_BxT=segment_ids_BxT,
                                  implementation=self.kernels.attention)
         return nn.DenseGeneral(
             x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.config import ModelConfig
+from lm.model.splash import Splash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +26,13 @@ class Kernels:
     """How the model's heavy operations run. The runtime picks them for its platform
     (lm.training.runtime.platform_kernels); the model never asks which platform it is on."""
 
-    attention: str = "xla"  # a resolved implementation (lm.model.attention.IMPLEMENTATIONS)
+    attention: str | Splash = "xla"  # "xla", "cudnn", or the splash kernel with its mesh (lm.model.splash)
     dot_general: Callable | None = None  # of every Dense projection; None: lax.dot_general
+
+    @property
+    def attention_name(self) -> str:
+        """The resolved implementation's name (lm.model.attention.IMPLEMENTATIONS)."""
+        return getattr(self.attention, "name", self.attention)
 
 
 def normal_init(std: float, names: tuple[str, ...]):
@@ -130,3 +136,4 @@ class MLP(nn.Module):
             h_BxTxF = nn.gelu(up(x_BxTxD), approximate=True)
         down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return dense(x_BxTxD.shape[-1], ("mlp", "embed"), down_std, "down")(h_BxTxF)
+

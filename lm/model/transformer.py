@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from lm.config import ModelConfig
 from lm.errors import LMError
-from lm.model.attention import Attention
+from lm.model.attention import ATTENTION_OUT, QKV_NAMES, Attention
 from lm.model.layers import MLP, Kernels, make_norm, normal_init, sinusoidal_BxTxD
 
 
@@ -25,12 +25,12 @@ class Block(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
         cfg = self.cfg
         x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         attn = Attention(cfg, self.decode, self.kernels, self.layer, name="attn")
-        x_BxTxD = x_BxTxD + drop(self._branch("attn", lambda h: attn(h, positions_BxT, mask_Bx1xTxT), x_BxTxD))
+        x_BxTxD = x_BxTxD + drop(self._branch("attn", lambda h: attn(h, positions_BxT, segment_ids_BxT), x_BxTxD))
         mlp = MLP(cfg, self.kernels, name="mlp")
         return x_BxTxD + drop(self._branch("mlp", mlp, x_BxTxD)), None
 
@@ -59,11 +59,51 @@ def constrain(x_BxTxD: jax.Array, sharding: jax.sharding.Sharding | None) -> jax
     return jax.lax.with_sharding_constraint(x_BxTxD, sharding)
 
 
+# model.remat policies of our own: the named activations (lm.model.attention) a block keeps for
+# its backward pass; everything else in the block is recomputed.
+REMAT_SAVES = {
+    "save_qkv": QKV_NAMES,
+    "save_qkv_attn": QKV_NAMES + (ATTENTION_OUT,),
+}
+
+
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
     if cfg.remat == "none":
         return Block
-    policy = None if cfg.remat == "block" else getattr(jax.checkpoint_policies, cfg.remat)
+    if cfg.remat == "block":
+        policy = None
+    elif cfg.remat in REMAT_SAVES:
+        policy = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[cfg.remat])
+    else:
+        policy = getattr(jax.checkpoint_policies, cfg.remat)
     return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Head(nn.Module):
+    """The output layer: final hidden states [B, T, D] -> logits [B, T, vocab_size].
+
+    Untied, it owns the [D, vocab] kernel ("head"); tied, it is handed the token embedding.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, embedding_VxD=None):
+        cfg = self.cfg
+        if embedding_VxD is None:
+            w_DxV = self.param("kernel", normal_init(cfg.init_std, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
+                               jnp.dtype(cfg.param_dtype))
+        else:
+            w_DxV = embedding_VxD.T
+        x_BxTxD, w_DxV = nn.dtypes.promote_dtype(x_BxTxD, w_DxV, dtype=cfg.dtype)
+        return jnp.dot(x_BxTxD, w_DxV)
+
+
+def head_logits(cfg: ModelConfig, params, x_BxTxD) -> jax.Array:
+    """The Transformer's output layer on hidden states from `Transformer(..., head=False)`."""
+    if cfg.tie_embeddings:
+        return Head(cfg).apply({"params": {}}, x_BxTxD, params["token_embed"]["embedding"])
+    return Head(cfg).apply({"params": params["head"]}, x_BxTxD)
 
 
 class Transformer(nn.Module):
@@ -74,6 +114,8 @@ class Transformer(nn.Module):
     (see lm.model.attention.Attention) for generation; pass the absolute positions then.
     `activation_sharding` (set by lm.training.runtime on a mesh) lays out every [B, T, D] block
     input; `kernels` (also the runtime's) says how attention and the projections run.
+    `head=False` returns the final hidden states [B, T, D] instead, for a loss that applies
+    the output layer in chunks (`head_logits`).
     """
 
     cfg: ModelConfig
@@ -82,13 +124,11 @@ class Transformer(nn.Module):
     kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True):
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True,
+                 head: bool = True):
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-        mask_Bx1xTxT = None
-        if segment_ids_BxT is not None:
-            mask_Bx1xTxT = (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
 
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="token_embed")
@@ -112,16 +152,16 @@ class Transformer(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxTxD, _ = stack(*block_args, name="blocks")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+            x_BxTxD, _ = stack(*block_args, name="blocks")(x_BxTxD, positions_BxT, segment_ids_BxT)
         else:
             for i in range(cfg.n_layers):
-                x_BxTxD, _ = block(*block_args, layer=i, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+                x_BxTxD, _ = block(*block_args, layer=i, name=f"block_{i}")(x_BxTxD, positions_BxT, segment_ids_BxT)
 
         x_BxTxD = make_norm(cfg, "final_norm")(constrain(x_BxTxD, self.activation_sharding))
-        if cfg.tie_embeddings:
-            return embed.attend(x_BxTxD)
-        return nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        kernel_init=normal_init(cfg.init_std, ("embed", "vocab")), name="head")(x_BxTxD)
+        if not head:
+            return x_BxTxD
+        return Head(cfg, name="head" if not cfg.tie_embeddings else None)(
+            x_BxTxD, embed.embedding if cfg.tie_embeddings else None)
 
 
 def count_params(params) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 
@@ -21,6 +22,7 @@ import numpy as np
 from lm.config import Config, replace
 from lm.errors import LMError
 from lm.observe.flops import flops_per_token
+from lm.parallel.mesh import batch_ways
 
 GIB = 1024**3
 
@@ -85,17 +87,18 @@ def suggestions(cfg: Config, n_chips: int) -> list[str]:
         out.append("recompute activations in the backward pass: model.remat=block (or nothing_saveable)")
     if cfg.parallel.fsdp == 1 and n_chips > 1:
         out.append("shard parameters and optimizer state over the chips: parallel.fsdp=-1 parallel.data=1")
-    out.append("or use a topology with more chips, or chips with more HBM (v5p: 95 GiB)")
+    out.append("or use a topology with more chips, or chips with more HBM (v5p: 95 GiB); "
+               "`lm aot --fit` searches micro-batch, remat and mesh for you")
     return out
 
 
-def _bytes_in(message: str) -> int:
+def bytes_in(message: str) -> int:
     """The first size such as '54.62G' in a compiler message, in bytes (0 when there is none)."""
     match = re.search(r"(\d+(?:\.\d+)?)([KMGT])\b", message)
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2))) if match else 0
 
 
-def _compile(cfg: Config, devices):
+def compile_step(cfg: Config, devices):
     """(runtime, TPU executable) of the train step train.py would run for `cfg` on `devices`."""
     from lm.data.tokenizers import ByteTokenizer
     from lm.training.runtime import build
@@ -104,11 +107,52 @@ def _compile(cfg: Config, devices):
     return rt, rt.train_step.lower(rt.restore_target, rt.abstract_batch()).compile()
 
 
-def _cost(compiled) -> np.ndarray:
-    """[FLOPs, seconds, bytes accessed] of one chip's share, as XLA's cost analysis reports them."""
+def refused(e: Exception) -> bool:
+    """Whether the TPU compiler refused a program for not fitting in HBM."""
+    import jax
+
+    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
+
+
+# The splash kernels (lm.model.splash) are custom calls XLA's cost analysis cannot see into.
+# Matmuls each runs per tile of query-key pairs: forward QK^T and PV; dq recomputes QK^T,
+# then dO V^T and dS K; dkv recomputes QK^T, then dO V^T, P^T dO and dS^T Q.
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_SPLASH_CALL = re.compile(r"%splash_mha_(fwd|dq|dkv)\S* = (.*?) custom-call\("
+                          r".*?operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}")
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|f64)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "f64": 8}
+
+
+def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _SHAPE.findall(text)]
+
+
+def kernel_cost(hlo_text: str, block_q: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one chip's splash attention kernel calls in a compiled program, analytically.
+
+    FLOPs: the kernel's matmuls over the causal tiles it computes (`lm.model.splash.causal_pairs`;
+    a sliding window computes fewer); bytes: every operand read and result written once.
+    """
+    from lm.model.splash import causal_pairs
+
+    flops = bytes_ = 0.0
+    for phase, results, operands in _SPLASH_CALL.findall(hlo_text):
+        shapes = _shapes(results) + _shapes(operands)
+        bytes_ += sum(_DTYPE_BYTES[dtype] * math.prod(dims) for dtype, dims in shapes)
+        B, N, T, H = next(dims for _, dims in _shapes(operands) if len(dims) == 4)  # the queries
+        flops += SPLASH_MATMULS[phase] * 2 * B * N * H * causal_pairs(T, block_q)
+    return flops, bytes_
+
+
+def _cost(compiled, block_q: int = 0) -> np.ndarray:
+    """One chip's [FLOPs, seconds, bytes accessed] as XLA's cost analysis reports them, then
+    [FLOPs, bytes] of the kernels it cannot see (`kernel_cost`)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per computation
-    return np.array([cost["flops"], cost.get("optimal_seconds", 0.0), cost.get("bytes accessed", 0.0)])
+    kernel = kernel_cost(compiled.as_text(), block_q) if block_q else (0.0, 0.0)
+    return np.array([cost["flops"], cost.get("optimal_seconds", 0.0), cost.get("bytes accessed", 0.0), *kernel])
 
 
 def _optimizer_cost(rt) -> np.ndarray:
@@ -126,93 +170,162 @@ def _optimizer_cost(rt) -> np.ndarray:
 
 
 def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str, bool]:
-    """Per-chip [FLOPs, seconds, bytes] of one whole train step, how it was obtained, and
-    whether the compiler's seconds are usable (XLA's `optimal_seconds` turns negative when
-    it cannot cost an operation, e.g. some collectives).
+    """Per-chip [FLOPs, seconds, bytes, kernel FLOPs, kernel bytes] of one whole train step, how
+    it was obtained, and whether the compiler's seconds are usable (XLA's `optimal_seconds`
+    turns negative when it cannot cost an operation, e.g. some collectives or a kernel).
 
     XLA's cost analysis counts a loop body once, whatever its trip count, so a step with
-    scanned layers or gradient accumulation is costed from loop-free compiles of one
-    micro-batch with 1 and 2 layers (the layer's cost is their difference), repeated per
-    micro-batch, with the optimizer update counted once.
+    scanned layers, gradient accumulation or a tiled loss is costed from loop-free compiles
+    of one micro-batch with 1 and 2 layers (the layer's cost is their difference) and the
+    loss untiled, repeated per micro-batch, with the optimizer update counted once.
     """
     m, t = cfg.model, cfg.train
-    if not m.scan_layers and t.grad_accum_steps == 1:
-        return _cost(compiled), "the compiled step", _cost(compiled)[1] > 0
+    block_q = m.splash_block_q if rt.model.kernels.attention_name == "splash" else 0
+    if not m.scan_layers and t.grad_accum_steps == 1 and loss_tiling(rt)["loss_chunks"] == 1:
+        cost = _cost(compiled, block_q)
+        return cost, "the compiled step", cost[1] > 0
     micro = {"train.batch_size": t.batch_size // t.grad_accum_steps, "train.grad_accum_steps": 1,
              "model.scan_layers": False}
-    one, two = (_cost(_compile(replace(cfg, **micro, **{"model.n_layers": n}), devices)[1]) for n in (1, 2))
+
+    def micro_cost(n_layers: int, loss_chunk_tokens: int):
+        trial = replace(cfg, **micro, **{"model.n_layers": n_layers, "train.loss_chunk_tokens": loss_chunk_tokens})
+        trial_rt, trial_compiled = compile_step(trial, devices)
+        return loss_tiling(trial_rt)["loss_chunk_tokens"], _cost(trial_compiled, block_q)
+
+    source = "loop-free compiles of one micro-batch with 1 and 2 layers, extrapolated"
+    try:
+        (_, one), (_, two) = micro_cost(1, 0), micro_cost(2, 0)
+    except Exception as e:
+        if not refused(e):
+            raise
+        # Whole logits do not fit: keep the tiling, whose loop body (one slice) is counted once,
+        # and scale that slice's cost to all of them from a compile with half as many tokens a slice.
+        (slice_tokens, one), (_, two) = micro_cost(1, rt.loss_chunk_tokens), micro_cost(2, rt.loss_chunk_tokens)
+        half_tokens, half = micro_cost(1, max(1, rt.loss_chunk_tokens // 2))
+        if half_tokens < slice_tokens:
+            per_token = (one - half) / (slice_tokens - half_tokens)
+            rest = per_token * (t.batch_size // t.grad_accum_steps * t.seq_len // batch_ways(rt.mesh) - slice_tokens)
+            one, two = one + rest, two + rest
+            source += " (loss tiled: one slice's cost scaled to all)"
+        else:  # slices of one position cannot shrink
+            source += " (loss tiled: only one slice of the output layer counted, an underestimate)"
     micro_step = one + (m.n_layers - 1) * (two - one)
     optimizer = _optimizer_cost(rt)
-    return (t.grad_accum_steps * (micro_step - optimizer) + optimizer,
-            "loop-free compiles of one micro-batch with 1 and 2 layers, extrapolated",
+    return (t.grad_accum_steps * (micro_step - optimizer) + optimizer, source,
             min(one[1], two[1], optimizer[1]) > 0)
+
+
+def loss_tiling(rt) -> dict:
+    """How the train step's cross-entropy is tiled: sequence chunks per micro-batch, tokens per device in one."""
+    from lm.training.step import loss_chunks
+
+    t = rt.cfg.train
+    rows = t.batch_size // rt.train_passes // batch_ways(rt.mesh)
+    chunks = loss_chunks(rows, t.seq_len, rt.loss_chunk_tokens)
+    return {"loss_chunks": chunks, "loss_chunk_tokens": rows * t.seq_len // chunks}
 
 
 def analyse(cfg: Config, topology: str) -> dict:
     """Compiles cfg's train step for `topology` and returns per-chip memory, cost and MFU estimates."""
+    chip, devices = topology_devices(topology)
+    try:
+        rt, compiled = compile_step(cfg, devices)
+    except Exception as e:
+        if not refused(e):
+            raise
+        return refusal_report(cfg, topology, chip, devices, e)
+    return compiled_report(cfg, topology, chip, devices, rt, compiled)
+
+
+def refusal_report(cfg: Config, topology: str, chip: Chip, devices, error: Exception) -> dict:
+    """The report of a step the TPU compiler refused for not fitting; its message names the shortfall."""
+    return {**_describe(cfg, topology, chip, devices), "fits": False, "hbm_needed_bytes": bytes_in(str(error)),
+            "compiler_message": str(error).splitlines()[0], "suggestions": suggestions(cfg, len(devices))}
+
+
+def compiled_report(cfg: Config, topology: str, chip: Chip, devices, rt, compiled) -> dict:
+    """The whole report of a compiled step: memory, cost (`step_cost`), step time and MFU."""
+    report = {**_describe(cfg, topology, chip, devices, rt), **memory_report(compiled, chip)}
+    return {**report, **_timing(cfg, chip, devices, rt, compiled, report["model_flops_per_step"]),
+            "suggestions": [] if report["fits"] else suggestions(cfg, len(devices))}
+
+
+def _describe(cfg: Config, topology: str, chip: Chip, devices, rt=None) -> dict:
+    """The report's fields that need no compile: the config, the chips, the model's FLOPs."""
     import jax
 
     from lm.data.tokenizers import ByteTokenizer
     from lm.training.runtime import build
 
-    chip, devices = topology_devices(topology)
-    rt = build(cfg, ByteTokenizer(), devices=devices)
-    n = len(devices)
+    rt = rt or build(cfg, ByteTokenizer(), devices=devices)
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    model_flops = flops_per_token(rt.cfg.model, cfg.train.seq_len) * tokens
-    report = {
+    return {
         "topology": topology,
         "device_kind": devices[0].device_kind,
-        "chips": n,
+        "chips": len(devices),
         "mesh": dict(rt.mesh.shape),
         "batch_size": cfg.train.batch_size,
         "seq_len": cfg.train.seq_len,
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "remat": cfg.model.remat,
+        "attention": rt.model.kernels.attention_name,
+        **loss_tiling(rt),
         "params": int(sum(x.size for x in jax.tree.leaves(rt.abstract_state.params))),
         "hbm_capacity_bytes": chip.hbm_bytes,
-        "model_flops_per_step": model_flops,
+        "model_flops_per_step": flops_per_token(rt.cfg.model, cfg.train.seq_len) * tokens,
         "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
     }
-    try:
-        compiled = rt.train_step.lower(rt.restore_target, rt.abstract_batch()).compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        # The TPU compiler refuses a program that cannot fit; its message names the shortfall.
-        return {**report, "fits": False, "hbm_needed_bytes": _bytes_in(str(e)), "compiler_message":
-                str(e).splitlines()[0], "suggestions": suggestions(cfg, n)}
+
+
+def memory_report(compiled, chip: Chip) -> dict:
+    """HBM one chip needs for a compiled step, by kind, and whether it fits."""
     mem = compiled.memory_analysis()
     # Sizes are per chip; aliased bytes (the donated state) are counted in both arguments and outputs.
     hbm = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes \
         + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
-    (flops, optimal_s, bytes_accessed), cost_source, compiler_timed = step_cost(cfg, devices, rt, compiled)
-    # Roofline: the slower of the chip's peak FLOP/s and its HBM bandwidth (communication ignored).
-    roofline_s = max(flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bandwidth)
-    step_s = float(optimal_s) if compiler_timed else float(roofline_s)
-    peak = n * chip.peak_bf16_flops
-    fits = hbm <= chip.hbm_bytes
     return {
-        **report,
         "hbm_argument_bytes": int(mem.argument_size_in_bytes),
         "hbm_output_bytes": int(mem.output_size_in_bytes),
         "hbm_alias_bytes": int(mem.alias_size_in_bytes),
         "hbm_temp_bytes": int(mem.temp_size_in_bytes),
         "hbm_code_bytes": int(mem.generated_code_size_in_bytes),
         "hbm_needed_bytes": int(hbm),
-        "fits": fits,
+        "fits": bool(hbm <= chip.hbm_bytes),
+    }
+
+
+def _timing(cfg: Config, chip: Chip, devices, rt, compiled, model_flops: float) -> dict:
+    """Step time and MFU: the compiler's estimate plus the kernels it cannot see, never under the roofline."""
+    n = len(devices)
+    (flops, optimal_s, bytes_, kernel_flops, kernel_bytes), cost_source, compiler_timed = \
+        step_cost(cfg, devices, rt, compiled)
+    kernel_s = max(kernel_flops / chip.peak_bf16_flops, kernel_bytes / chip.hbm_bandwidth)
+    # Roofline: the slower of the chip's peak FLOP/s and its HBM bandwidth (communication ignored),
+    # over everything the step runs, and never faster than its model FLOPs allow.
+    roofline_s = max((flops + kernel_flops) / chip.peak_bf16_flops, (bytes_ + kernel_bytes) / chip.hbm_bandwidth,
+                     model_flops / (n * chip.peak_bf16_flops))
+    if not compiler_timed:
+        step_s, source = roofline_s, "roofline (compiler optimal_seconds unusable)"
+    elif optimal_s + kernel_s < roofline_s:
+        step_s, source = roofline_s, "roofline (above compiler optimal_seconds)"
+    else:
+        step_s, source = optimal_s + kernel_s, "compiler optimal_seconds"
+    if kernel_flops:
+        source += "; splash attention kernels counted analytically (the compiler cannot see into them)"
+    peak = n * chip.peak_bf16_flops
+    return {
         "compiler_flops_per_step": float(flops) * n,  # cost analysis counts one chip's share
-        "bytes_accessed_per_chip": float(bytes_accessed),
+        "kernel_flops_per_step": float(kernel_flops) * n,
+        "bytes_accessed_per_chip": float(bytes_),
+        "kernel_bytes_per_chip": float(kernel_bytes),
         "compiler_optimal_s": float(optimal_s),
         "roofline_step_s": float(roofline_s),
-        "estimated_step_s": step_s,
-        "step_time_source": "compiler optimal_seconds" if compiler_timed else
-        "roofline (compiler optimal_seconds unusable)",
+        "estimated_step_s": float(step_s),
+        "step_time_source": source,
         "cost_source": cost_source,
-        "estimated_tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
-        "estimated_mfu": model_flops / (step_s * peak) if step_s > 0 else 0.0,
-        "estimated_hfu": flops * n / (step_s * peak) if step_s > 0 else 0.0,
-        "suggestions": [] if fits else suggestions(cfg, n),
+        "estimated_tokens_per_s": cfg.train.batch_size * cfg.train.seq_len / step_s,
+        "estimated_mfu": model_flops / (step_s * peak),
+        "estimated_hfu": (flops + kernel_flops) * n / (step_s * peak),
     }
 
 
@@ -221,7 +334,7 @@ def format_report(r: dict) -> str:
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     header = (f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}, "
               f"batch {r['batch_size']} x {r['seq_len']} (accum {r['grad_accum_steps']}), remat {r['remat']}, "
-              f"{r['params'] / 1e6:.1f}M params")
+              f"attention {r['attention']}, loss in {r['loss_chunks']} chunk(s), {r['params'] / 1e6:.1f}M params")
     if "compiler_message" in r:
         lines = [header, f"  HBM per chip    DOES NOT FIT in {gib(r['hbm_capacity_bytes'])}; the TPU compiler "
                  f"refused it: {r['compiler_message']}"]
@@ -233,7 +346,8 @@ def format_report(r: dict) -> str:
         f"    arguments {gib(r['hbm_argument_bytes'])}, temporaries {gib(r['hbm_temp_bytes'])}, "
         f"outputs {gib(r['hbm_output_bytes'])} (of which {gib(r['hbm_alias_bytes'])} reuse donated arguments)",
         f"  FLOPs per step  {r['model_flops_per_step']:.3e} model (6N + attention), "
-        f"{r['compiler_flops_per_step']:.3e} compiled (incl. recomputation)",
+        f"{r['compiler_flops_per_step']:.3e} compiled (incl. recomputation)"
+        + (f" + {r['kernel_flops_per_step']:.3e} in splash kernels (analytic)" if r["kernel_flops_per_step"] else ""),
         f"  step time       {r['estimated_step_s'] * 1e3:.1f} ms ({r['estimated_tokens_per_s']:,.0f} tokens/s), "
         f"from {r['step_time_source']}; costed from {r['cost_source']}",
         f"  MFU             {r['estimated_mfu']:.1%} of {r['peak_bf16_flops_per_chip'] / 1e12:.0f} "

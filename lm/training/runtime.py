@@ -25,14 +25,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm.config import Config, ModelConfig
 from lm.errors import LMError
-from lm.model import attention
+from lm.model import attention, splash
 from lm.model.layers import Kernels
 from lm.model.transformer import Transformer
 from lm.parallel import mesh as mesh_lib
 from lm.parallel.cpu import chunk_tokens, train_passes
 from lm.parallel.matmul import cpu_compiler_options, dense_dot_general
 from lm.training.optim import make_optimizer
-from lm.training.step import TrainState, eval_step, init_state, train_step
+from lm.training.step import TrainState, eval_step, init_state, loss_chunk_tokens, train_step
 
 
 def resolve_model(cfg: ModelConfig, tokenizer) -> ModelConfig:
@@ -45,10 +45,20 @@ def resolve_model(cfg: ModelConfig, tokenizer) -> ModelConfig:
     return cfg
 
 
-def platform_kernels(cfg: ModelConfig, platform: str, packed: bool = False) -> Kernels:
-    """The model's kernels on `platform`: model.attention resolved, and the CPU's Dense matmul."""
-    return Kernels(attention=attention.resolve(cfg.attention, cfg.dtype, cfg.head_dim, packed, platform),
-                   dot_general=dense_dot_general(platform, cfg.remat))
+def platform_kernels(cfg: ModelConfig, platform: str, packed: bool = False, seq_len: int = 0,
+                     mesh: Mesh | None = None) -> Kernels:
+    """The model's kernels on `platform`: model.attention resolved, and the CPU's Dense matmul.
+
+    Splash attention (TPU) runs per chip under shard_map over `mesh` (batch over data x fsdp,
+    heads over tensor); without a mesh (pmap) on each device's own arrays.
+    """
+    name = attention.resolve(cfg.attention, cfg.dtype, cfg.head_dim, packed, platform, seq_len)
+    kind = name
+    if name == splash.NAME:
+        axes = mesh.shape if mesh is not None else {}
+        kind = splash.Splash(cfg.splash_block_q, cfg.splash_block_kv, mesh,
+                             tuple(a for a in mesh_lib.BATCH_AXES if a in axes), "tensor" if "tensor" in axes else None)
+    return Kernels(attention=kind, dot_general=dense_dot_general(platform, cfg.remat))
 
 
 def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules, seq_len: int):
@@ -81,6 +91,7 @@ class Runtime:
     train_step: Callable
     eval_step: Callable
     train_passes: int  # micro-batches per update: train.grad_accum_steps, each chunked on CPU
+    loss_chunk_tokens: int  # train.loss_chunk_tokens resolved (lm.training.step.token_losses)
     mapped: bool  # pmap: batches carry a leading device axis
 
     @property
@@ -131,17 +142,21 @@ def build(cfg: Config, tokenizer, devices=None) -> Runtime:
     platform, ways = devices[0].platform, mesh_lib.batch_ways(mesh)
     passes = train_passes(cfg, platform, ways)
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    model = Transformer(cfg.model, activation_sharding=None if mapped else batch_sharding,
-                        kernels=platform_kernels(cfg.model, platform, packed=cfg.data.packed))
+    kernels = platform_kernels(cfg.model, platform, packed=cfg.data.packed, seq_len=cfg.train.seq_len,
+                               mesh=None if mapped else mesh)
+    model = Transformer(cfg.model, activation_sharding=None if mapped else batch_sharding, kernels=kernels)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     rules = None if mapped else mesh_lib.logical_rules(cfg.model, mesh)
     abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
 
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
+    loss_tokens = loss_chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size)
+    step_ways = 1 if mapped else ways  # pmap's step sees one device's rows
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
-                             grad_accum_steps=passes, skip_nonfinite=cfg.train.skip_nonfinite)
+                             grad_accum_steps=passes, skip_nonfinite=cfg.train.skip_nonfinite,
+                             loss_chunk_tokens=loss_tokens, batch_ways=step_ways)
     evaluate = functools.partial(eval_step, model=model, pass_tokens=chunk_tokens(cfg, platform),
-                                 batch_ways=1 if mapped else ways)
+                                 batch_ways=step_ways, loss_chunk_tokens=loss_tokens)
     if mapped:
         train_fn, eval_fn = _pmapped(step, evaluate, devices, state_sharding)
     else:
@@ -151,7 +166,7 @@ def build(cfg: Config, tokenizer, devices=None) -> Runtime:
         eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding), compiler_options=options)
     return Runtime(cfg=cfg, model=model, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract_state,
                    state_sharding=state_sharding, batch_sharding=batch_sharding, init=init, train_step=train_fn,
-                   eval_step=eval_fn, train_passes=passes, mapped=mapped)
+                   eval_step=eval_fn, train_passes=passes, loss_chunk_tokens=loss_tokens, mapped=mapped)
 
 
 def _pmapped(step: Callable, evaluate: Callable, devices, state_sharding: TrainState) -> tuple[Callable, Callable]:

@@ -16,9 +16,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lm.model.transformer import head_logits
 from lm.parallel.cpu import pass_count
 
 Batch = dict[str, jax.Array]
+# train.loss_chunk_tokens=-1: chunks whose float32 logits take at most this much per device.
+AUTO_LOSS_CHUNK_BYTES = 256 * 2**20
 
 
 @struct.dataclass
@@ -45,12 +48,49 @@ def _weights(batch: Batch) -> jax.Array:
     return jnp.ones(batch["targets"].shape, jnp.float32)
 
 
-def token_losses(params, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Next-token cross-entropy per position [B, T], computed in float32."""
-    logits_BxTxV = model.apply(
+def loss_chunk_tokens(setting: int, vocab_size: int) -> int:
+    """train.loss_chunk_tokens resolved: -1 (auto) is the tokens whose float32 logits fill
+    AUTO_LOSS_CHUNK_BYTES; 0 means the whole batch at once."""
+    return max(1, AUTO_LOSS_CHUNK_BYTES // (4 * vocab_size)) if setting == -1 else setting
+
+
+def loss_chunks(rows: int, seq_len: int, chunk_tokens: int) -> int:
+    """Fewest equal slices of the sequence whose `rows` x slice tokens are at most `chunk_tokens`
+    (one position at least; 0: one slice). `rows` are one device's."""
+    return pass_count(seq_len, rows, chunk_tokens)  # the same search, over positions instead of rows
+
+
+def _cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+
+
+def token_losses(params, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None = None, *,
+                 chunk_tokens: int = 0, batch_ways: int = 1) -> jax.Array:
+    """Next-token cross-entropy per position [B, T], computed in float32.
+
+    With `chunk_tokens` > 0 the output layer and the cross-entropy run over slices of the
+    sequence (`loss_chunks` of each device's B / `batch_ways` rows), each recomputed in the
+    backward pass, so only one slice's float32 logits exist at a time: the same losses and
+    gradients, to float rounding.
+    """
+    B, T = batch["targets"].shape
+    n = loss_chunks(B // batch_ways, T, chunk_tokens)
+    hidden_or_logits = model.apply(
         {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-        deterministic=dropout_rng is None, rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
+        deterministic=dropout_rng is None, rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+        head=n == 1)
+    if n == 1:
+        return _cross_entropy(hidden_or_logits, batch["targets"])
+
+    def chunk(xs):
+        hidden_BxCxD, targets_BxC = xs
+        return _cross_entropy(head_logits(model.cfg, params, hidden_BxCxD), targets_BxC)
+
+    def split(x_BxT):  # [B, T, ...] -> [n, B, T/n, ...]: each slice keeps the batch's layout
+        return jnp.moveaxis(x_BxT.reshape((B, n, T // n) + x_BxT.shape[2:]), 1, 0)
+
+    losses_nxBxC = jax.lax.map(jax.checkpoint(chunk), (split(hidden_or_logits), split(batch["targets"])))
+    return jnp.moveaxis(losses_nxBxC, 0, 1).reshape(B, T)
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
@@ -62,8 +102,12 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+               loss_chunk_tokens: int = 0, batch_ways: int = 1,
                reduce: Callable[[Any], Any] = lambda x: x) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the global batch (mean loss over its weighted targets).
+
+    `loss_chunk_tokens` and `batch_ways` (how many ways the batch is split over devices) tile
+    the cross-entropy (`token_losses`).
 
     metrics['nonfinite'] is 1 when the loss or gradients hold a NaN or Inf. With
     `skip_nonfinite` such an update is dropped (params and optimizer state stay as they
@@ -74,7 +118,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     total_weight = reduce(_weights(batch).sum())
 
     def loss_fn(params, micro: Batch, rng: jax.Array):
-        losses_BxT = token_losses(params, model, micro, rng if use_dropout else None)
+        losses_BxT = token_losses(params, model, micro, rng if use_dropout else None,
+                                  chunk_tokens=loss_chunk_tokens, batch_ways=batch_ways)
         return (losses_BxT * _weights(micro)).sum() / total_weight
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -103,16 +148,18 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, model: nn.Module, pass_tokens: int = 0,
-              batch_ways: int = 1) -> tuple[jax.Array, jax.Array]:
+def eval_step(params, batch: Batch, *, model: nn.Module, pass_tokens: int = 0, batch_ways: int = 1,
+              loss_chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted target losses, sum of weights) for one batch, without dropout.
 
     With `pass_tokens` > 0, each of the batch's `batch_ways` device shards is walked in
-    passes of at most that many tokens (`lm.parallel.cpu.pass_count`).
+    passes of at most that many tokens (`lm.parallel.cpu.pass_count`); `loss_chunk_tokens`
+    tiles the cross-entropy (`token_losses`).
     """
     def sums(micro: Batch) -> tuple[jax.Array, jax.Array]:
         weights_BxT = _weights(micro)
-        return (token_losses(params, model, micro) * weights_BxT).sum(), weights_BxT.sum()
+        losses_BxT = token_losses(params, model, micro, chunk_tokens=loss_chunk_tokens, batch_ways=batch_ways)
+        return (losses_BxT * weights_BxT).sum(), weights_BxT.sum()
 
     rows, seq_len = batch["targets"].shape
     passes = pass_count(rows // batch_ways, seq_len, pass_tokens)
