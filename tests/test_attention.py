@@ -78,6 +78,25 @@ def test_attend_windows_and_scales_like_the_definition(window, scale):
         np.testing.assert_allclose(attend(q, k, v, window=1), jnp.repeat(v, 2, axis=2), atol=1e-5)
 
 
+@pytest.mark.parametrize("window,softcap,packed", [(None, None, False), (40, None, True), (None, 5.0, True)])
+def test_query_blocks_compute_the_same_attention_and_gradients(window, softcap, packed):
+    """attend(query_block=Q) (the CPU's causal path: keys above the diagonal skipped) against the
+    whole score matrix, over a length that is no multiple of Q, windows reaching back over blocks."""
+    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
+        jax.random.split(jax.random.key(1), 3), [(2, 90, 4, 8), (2, 90, 2, 8), (2, 90, 2, 8)]))
+    segments = jnp.repeat(jnp.array([[0, 1, 1, 2, 3, 3], [0, 0, 0, 1, 1, 1]]), 15, axis=1) if packed else None
+
+    def loss(q, block):
+        out = attend(q, k, v, window=window, softcap=softcap, segment_ids_BxT=segments, query_block=block)
+        return (out * jnp.cos(jnp.arange(out.size).reshape(out.shape))).sum(), out
+
+    (_, whole), grad_whole = jax.value_and_grad(loss, has_aux=True)(q, 0)
+    (_, blocked), grad_blocked = jax.value_and_grad(loss, has_aux=True)(q, 32)
+    np.testing.assert_allclose(blocked, whole, atol=2e-6)
+    np.testing.assert_allclose(grad_blocked, grad_whole, atol=2e-6)
+    assert platform_kernels(ModelConfig(), "cpu").query_block > 0 == platform_kernels(ModelConfig(), "gpu").query_block
+
+
 def attention_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "benchmarks/attention_check.py", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

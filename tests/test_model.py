@@ -176,3 +176,24 @@ def test_scan_refuses_layers_that_differ():
 
     with pytest.raises(LMError, match="identical blocks"):
         make(position="rope", rope_layers="1,0", scan_layers=True)
+
+
+def test_dropout_keeps_its_share_scales_and_follows_its_rng():
+    """lm's hashed dropout: the kept share is 1 - rate, survivors scaled by 1 / (1 - rate), masks a
+    function of the rng (same rng, same mask; another rng, another mask), neighbours uncorrelated."""
+    from lm.model.layers import Dropout, hashed_bits
+
+    x = jnp.ones((64, 128, 96))
+    drop = Dropout(0.2, deterministic=False)
+    y = drop.apply({}, x, rngs={"dropout": jax.random.key(0)})
+    kept = np.asarray(y != 0)
+    assert abs(kept.mean() - 0.8) < 0.005
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.8, rtol=1e-6)
+    assert (np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.key(0)})) == np.asarray(y)).all()
+    other = np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.key(1)})) != 0
+    assert abs((kept == other).mean() - (0.8 ** 2 + 0.2 ** 2)) < 0.01  # independent masks agree this often
+    flat = kept.reshape(-1).astype(float)
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01
+    bits = np.asarray(hashed_bits((4096,), jnp.array([7, 9], jnp.uint32)))
+    assert len(np.unique(bits)) == 4096 and abs(np.unpackbits(bits.view(np.uint8)).mean() - 0.5) < 0.01
+    assert (Dropout(0.2, deterministic=True).apply({}, x) == x).all()

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -139,9 +140,12 @@ def test_cli_end_to_end(tmp_path, shakespeare):
     run_dir = tmp_path / "cli"
     base = [sys.executable, "train.py", "--config", "configs/tiny.yaml", f"data.text_file={shakespeare}",
             f"run_dir={run_dir}", "train.steps=6", "checkpoint.every=3", "log.every=3", "eval.every=0"]
-    done = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # With the user's environment: JAX's compilation cache lands in ~/.cache/lm/jax.
+    home = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")} | {"HOME": str(tmp_path)}
+    done = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300, env=home)
     assert done.returncode == 0, done.stderr
     assert "step      6/6" in done.stdout
+    assert any((tmp_path / ".cache" / "lm" / "jax").iterdir())
     devices = auto_count(load_config(ROOT / "configs" / "tiny.yaml"), usable_cores())  # one per core the batch allows
     assert f"{devices} x cpu (cpu) | mesh data={devices} fsdp=1 tensor=1 |" in done.stdout.splitlines()[0]
     out = subprocess.run([sys.executable, "eval.py", "--run_dir", str(run_dir), "--json"], cwd=ROOT,

@@ -54,7 +54,7 @@ def _saveable(x_BxTxNxH: jax.Array, name: str) -> jax.Array:
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool = True,
            window: int | None = None, scale: float | None = None, softcap: float | None = None,
-           segment_ids_BxT=None, implementation: str | splash.Splash = "xla") -> jax.Array:
+           segment_ids_BxT=None, implementation: str | splash.Splash = "xla", query_block: int = 0) -> jax.Array:
     """softmax(scale * q k^T) v over the keys each query may see: [B, T, N, H].
 
     `causal` hides later keys (query i sees keys j <= i); `window` W (with `causal`) also hides
@@ -63,7 +63,9 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
     more, e.g. cache slots not yet written. `scale` defaults to 1 / sqrt(H). `softcap` c
     squashes the scaled logits to c * tanh(logits / c) (Gemma 2). `implementation`: "xla",
     "cudnn", or a `Splash` (causal only, no `mask_Bx1xTxS`; a batch the mesh cannot split
-    evenly falls back to XLA).
+    evenly falls back to XLA). `query_block` Q > 0 (XLA, causal self-attention of at least 2Q
+    positions) takes the queries Q at a time against only the keys they can see, skipping
+    the scores above the diagonal (and before a window).
     """
     if window is not None and not causal:
         raise ValueError("attend: a sliding window needs causal=True (put it in the mask otherwise)")
@@ -77,6 +79,10 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
                                            scale=scale, softcap=softcap, spec=implementation,
                                            checkpoint_name=ATTENTION_OUT)
         implementation = "xla"
+    T = q_BxTxNxH.shape[1]
+    if implementation == "xla" and causal and mask_Bx1xTxS is None and query_block and T >= 2 * query_block:
+        return _by_query_blocks(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, query_block, window=window, scale=scale,
+                                softcap=softcap, segment_ids_BxT=segment_ids_BxT)
     if segment_ids_BxT is not None:
         same_doc_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
         mask_Bx1xTxS = same_doc_Bx1xTxT if mask_Bx1xTxS is None else mask_Bx1xTxS & same_doc_Bx1xTxT
@@ -87,6 +93,26 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale, is_causal=causal,
             local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
     return _saveable(out_BxTxNxH, ATTENTION_OUT)
+
+
+def _by_query_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, block: int, *, window, scale, softcap,
+                     segment_ids_BxT) -> jax.Array:
+    """Causal self-attention computed Q = `block` queries at a time, each block against the keys
+    it can see (from its window's first block to its own last position), with an explicit mask."""
+    T = q_BxTxNxH.shape[1]
+    out = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        first = 0 if window is None else max(0, start - window + 1) // block * block
+        i_Qx1, j_1xS = jnp.arange(start, stop)[:, None], jnp.arange(first, stop)[None, :]
+        visible_QxS = (j_1xS <= i_Qx1) & (i_Qx1 - (window or T + 1) < j_1xS)
+        mask_Bx1xQxS = visible_QxS[None, None]
+        if segment_ids_BxT is not None:
+            mask_Bx1xQxS = mask_Bx1xQxS & (segment_ids_BxT[:, None, start:stop, None]
+                                           == segment_ids_BxT[:, None, None, first:stop])
+        out.append(attend(q_BxTxNxH[:, start:stop], k_BxTxKxH[:, first:stop], v_BxTxKxH[:, first:stop],
+                          mask_Bx1xQxS, causal=False, scale=scale, softcap=softcap))
+    return jnp.concatenate(out, axis=1)
 
 
 def _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, cap) -> jax.Array:
@@ -152,8 +178,8 @@ class Attention(nn.Module):
             out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS, causal=False, scale=scale)
         else:
             out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window=window, scale=scale,
-                                 segment_ids_BxT=segment_ids_BxT,
-                                 implementation=self.kernels.attention)
+                                 segment_ids_BxT=segment_ids_BxT, implementation=self.kernels.attention,
+                                 query_block=self.kernels.query_block)
         return nn.DenseGeneral(
             x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,

@@ -28,6 +28,7 @@ class Kernels:
 
     attention: str | Splash = "xla"  # "xla", "cudnn", or the splash kernel with its mesh (lm.model.splash)
     dot_general: Callable | None = None  # of every Dense projection; None: lax.dot_general
+    query_block: int = 0  # XLA causal attention this many queries at a time (lm.model.attention.attend); 0: all
 
     @property
     def attention_name(self) -> str:
@@ -137,3 +138,46 @@ class MLP(nn.Module):
         down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return dense(x_BxTxD.shape[-1], ("mlp", "embed"), down_std, "down")(h_BxTxF)
 
+
+def _mix32(x):
+    """A 32-bit integer finaliser (xor-shift-multiply): every input bit flips about half the output bits."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hashed_bits(shape: tuple[int, ...], seed_2: jax.Array) -> jax.Array:
+    """32 pseudo-random bits per element of `shape`: a hash of (seed, element index).
+
+    About a dozen integer operations per element, fused into whatever consumes them, where
+    threefry takes about fifty; the index is built from per-axis iotas so a sharded array
+    hashes its own slice without gathering.
+    """
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return _mix32(_mix32(index ^ seed_2[0]) ^ seed_2[1])
+
+
+class Dropout(nn.Module):
+    """Inverted dropout: zeroes each element with probability `rate`, scales the rest by 1 / (1 - rate).
+
+    The keep mask is `hashed_bits` seeded by two words of the "dropout" rng, so masks are a
+    function of that rng (exact resume) at a fraction of threefry's cost.
+    """
+
+    rate: float
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        if self.deterministic or self.rate == 0.0:
+            return x
+        seed_2 = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+        threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
+        keep = hashed_bits(x.shape, seed_2) >= threshold
+        return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), jnp.zeros((), x.dtype))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from lm.config import ModelConfig
 from lm.errors import LMError
 from lm.model.attention import ATTENTION_OUT, QKV_NAMES, Attention
-from lm.model.layers import MLP, Kernels, make_norm, normal_init, sinusoidal_BxTxD
+from lm.model.layers import MLP, Dropout, Kernels, make_norm, normal_init, sinusoidal_BxTxD
 
 
 class Block(nn.Module):
@@ -28,7 +28,7 @@ class Block(nn.Module):
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
         cfg = self.cfg
         x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
-        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        drop = Dropout(cfg.dropout, deterministic=self.deterministic)
         attn = Attention(cfg, self.decode, self.kernels, self.layer, name="attn")
         x_BxTxD = x_BxTxD + drop(self._branch("attn", lambda h: attn(h, positions_BxT, segment_ids_BxT), x_BxTxD))
         mlp = MLP(cfg, self.kernels, name="mlp")
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
                                 name="pos_embed")(positions_BxT)
         elif cfg.position == "sinusoidal":
             x_BxTxD += sinusoidal_BxTxD(positions_BxT, cfg.d_model).astype(x_BxTxD.dtype)
-        x_BxTxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxTxD)
+        x_BxTxD = Dropout(cfg.dropout, deterministic=deterministic)(x_BxTxD)
         block_args = (cfg, deterministic, self.decode, self.activation_sharding, self.kernels)
 
         block = _block_class(cfg)

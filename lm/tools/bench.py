@@ -119,6 +119,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
         "mfu": mfu(tokens_per_sec, flops_per_tok, total_peak),
         "peak_memory_bytes": memory, "memory_source": memory_source,
         "pipeline_tokens_per_sec": pipeline_tokens_per_sec(tokens, cfg), "data": source,
+        "cpu_options": rt.cpu_options(),
     }
 
 
@@ -140,6 +141,11 @@ def format_table(result: dict) -> str:
         ("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB ({result['memory_source']})"),
         ("input pipeline", f"{result['pipeline_tokens_per_sec']:,.0f} tokens/s ({result['data']})"),
     ]
+    if result["cpu_options"]:
+        o = result["cpu_options"]
+        rows.insert(1, ("CPU options", f"{o['devices']} device(s), passes of <= {o['pass_tokens']} tokens, "
+                                       f"{o['matmuls']} matmuls, attention {o['attention_query_block'] or 'all'} "
+                                       f"queries at a time, gradients summed by the {o['gradient_sum']}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -6,9 +6,13 @@ modes differ only in how that step is mapped over the devices:
 
 - `mesh` (default): `jax.jit` with explicit shardings over a data x fsdp x tensor mesh,
   the state donated.
+  On CPU devices with only data parallelism the step runs per device under `jax.shard_map`
+  instead, its gradients summed as one flat buffer (`lm.training.step.psum_flat`): XLA:CPU's
+  collectives meet once per buffer, and the partitioner's all-reduce of every gradient
+  took a fifth of a shakespeare_cpu step on 2 cores.
 - `pmap`: `jax.pmap` over a one-axis mesh, the state replicated (stored as ordinary global
   arrays, so checkpoints move between the modes), the batch reshaped to [devices, B/n, T]
-  and the step's `reduce` hook a psum, so loss and gradients are those of the global batch.
+  and the step's `axis_name` set, so loss and gradients are those of the global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lm.config import Config, ModelConfig
 from lm.errors import LMError
@@ -45,6 +50,11 @@ def resolve_model(cfg: ModelConfig, tokenizer) -> ModelConfig:
     return cfg
 
 
+# On CPU, causal attention over 128 or more positions runs 64 queries at a time, skipping the
+# masked scores (shakespeare_char, 256 positions: 10 of 16 score blocks computed).
+CPU_QUERY_BLOCK = 64
+
+
 def platform_kernels(cfg: ModelConfig, platform: str, packed: bool = False, seq_len: int = 0,
                      mesh: Mesh | None = None) -> Kernels:
     """The model's kernels on `platform`: model.attention resolved, and the CPU's Dense matmul.
@@ -58,7 +68,8 @@ def platform_kernels(cfg: ModelConfig, platform: str, packed: bool = False, seq_
         axes = mesh.shape if mesh is not None else {}
         kind = splash.Splash(cfg.splash_block_q, cfg.splash_block_kv, mesh,
                              tuple(a for a in mesh_lib.BATCH_AXES if a in axes), "tensor" if "tensor" in axes else None)
-    return Kernels(attention=kind, dot_general=dense_dot_general(platform, cfg.remat))
+    return Kernels(attention=kind, dot_general=dense_dot_general(platform, cfg.remat),
+                   query_block=CPU_QUERY_BLOCK if platform == "cpu" else 0)
 
 
 def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules, seq_len: int):
@@ -93,6 +104,7 @@ class Runtime:
     train_passes: int  # micro-batches per update: train.grad_accum_steps, each chunked on CPU
     loss_chunk_tokens: int  # train.loss_chunk_tokens resolved (lm.training.step.token_losses)
     mapped: bool  # pmap: batches carry a leading device axis
+    per_device: bool  # the step runs on each device's rows (pmap, or CPU data parallelism under shard_map)
 
     @property
     def restore_target(self) -> TrainState:
@@ -110,6 +122,15 @@ class Runtime:
             rows = t.batch_size // self.train_passes // mesh_lib.batch_ways(self.mesh)
             line += f" | {self.train_passes} passes of {rows} x {t.seq_len} tokens per device"
         return line
+
+    def cpu_options(self) -> dict | None:
+        """What the CPU layout chose for this step (lm bench prints it); None off the CPU."""
+        if self.mesh.devices.flat[0].platform != "cpu":
+            return None
+        return {"devices": self.mesh.size, "pass_tokens": self.cfg.parallel.cpu_chunk_tokens,
+                "matmuls": "eigen" if cpu_compiler_options() else "xla default",
+                "attention_query_block": self.model.kernels.query_block,
+                "gradient_sum": "one flat buffer" if self.per_device and self.mesh.size > 1 else "compiler's"}
 
     def host_rows(self, batch_size: int) -> np.ndarray:
         """The rows of a global batch of `batch_size` that this process loads."""
@@ -142,37 +163,42 @@ def build(cfg: Config, tokenizer, devices=None) -> Runtime:
     platform, ways = devices[0].platform, mesh_lib.batch_ways(mesh)
     passes = train_passes(cfg, platform, ways)
     batch_sharding = mesh_lib.batch_sharding(mesh)
+    per_device = mapped or (platform == "cpu" and 1 < mesh.size == mesh.shape["data"])  # the step sees its own rows
     kernels = platform_kernels(cfg.model, platform, packed=cfg.data.packed, seq_len=cfg.train.seq_len,
                                mesh=None if mapped else mesh)
-    model = Transformer(cfg.model, activation_sharding=None if mapped else batch_sharding, kernels=kernels)
+    model = Transformer(cfg.model, activation_sharding=None if per_device else batch_sharding, kernels=kernels)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     rules = None if mapped else mesh_lib.logical_rules(cfg.model, mesh)
     abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
 
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
     loss_tokens = loss_chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size)
-    step_ways = 1 if mapped else ways  # pmap's step sees one device's rows
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
                              grad_accum_steps=passes, skip_nonfinite=cfg.train.skip_nonfinite,
-                             loss_chunk_tokens=loss_tokens, batch_ways=step_ways)
+                             loss_chunk_tokens=loss_tokens, batch_ways=1 if per_device else ways,
+                             axis_name=mesh_lib.PMAP_AXIS if per_device else None)
     evaluate = functools.partial(eval_step, model=model, pass_tokens=chunk_tokens(cfg, platform),
-                                 batch_ways=step_ways, loss_chunk_tokens=loss_tokens)
+                                 batch_ways=1 if mapped else ways, loss_chunk_tokens=loss_tokens)
     if mapped:
         train_fn, eval_fn = _pmapped(step, evaluate, devices, state_sharding)
     else:
         options = cpu_compiler_options() if platform == "cpu" else None
+        if per_device:  # the state is replicated: data parallelism only
+            step = jax.shard_map(step, mesh=mesh, in_specs=(P(), batch_sharding.spec), out_specs=(P(), P()),
+                                 check_vma=False)  # the CPU matmul's custom VJP does not track varying axes
         train_fn = jax.jit(step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                            donate_argnums=0, compiler_options=options)
         eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding), compiler_options=options)
     return Runtime(cfg=cfg, model=model, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract_state,
                    state_sharding=state_sharding, batch_sharding=batch_sharding, init=init, train_step=train_fn,
-                   eval_step=eval_fn, train_passes=passes, loss_chunk_tokens=loss_tokens, mapped=mapped)
+                   eval_step=eval_fn, train_passes=passes, loss_chunk_tokens=loss_tokens, mapped=mapped,
+                   per_device=per_device)
 
 
 def _pmapped(step: Callable, evaluate: Callable, devices, state_sharding: TrainState) -> tuple[Callable, Callable]:
     """The train and eval steps under jax.pmap: replicated state in, the global batch's sums out."""
     psum = functools.partial(jax.lax.psum, axis_name=mesh_lib.PMAP_AXIS)
-    mapped_step = jax.pmap(functools.partial(step, reduce=psum), axis_name=mesh_lib.PMAP_AXIS, in_axes=(None, 0),
+    mapped_step = jax.pmap(step, axis_name=mesh_lib.PMAP_AXIS, in_axes=(None, 0),
                            out_axes=(None, None), devices=devices, donate_argnums=0)
 
     def train_fn(state: TrainState, batch) -> tuple[TrainState, Any]:

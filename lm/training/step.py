@@ -1,13 +1,15 @@
 """TrainState, the loss, and the pure train and eval steps.
 
 `train_step(state, batch) -> (state, metrics)` holds the whole update. Parallelism wraps
-it (jit over a mesh, or pmap); the only hook is `reduce`, which pmap sets to a psum.
+it (jit over a mesh, or per device under pmap or shard_map); the only hook is `axis_name`,
+which a per-device wrapper sets so the step sums loss and gradients over its devices.
 A batch is a dict of [B, T] arrays: `inputs`, `targets`, and optionally `weights`
 (0 masks a target out), `positions` and `segment_ids` (packed documents).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.flatten_util import ravel_pytree
 
 from lm.model.transformer import head_logits
 from lm.parallel.cpu import pass_count
@@ -93,6 +96,13 @@ def token_losses(params, model: nn.Module, batch: Batch, dropout_rng: jax.Array 
     return jnp.moveaxis(losses_nxBxC, 0, 1).reshape(B, T)
 
 
+def psum_flat(tree, axis_name: str):
+    """psum of a pytree as one flat float32 buffer: one collective, where XLA:CPU meets its
+    devices once per buffer (37 meetings a shakespeare_cpu step otherwise)."""
+    flat, unravel = ravel_pytree(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return jax.tree.map(lambda x, like: x.astype(like.dtype), unravel(jax.lax.psum(flat, axis_name)), tree)
+
+
 def _split_micro(batch: Batch, n: int) -> Batch:
     """[B, ...] -> [n, B/n, ...], micro-batch i taking every n-th row so each stays spread over devices."""
     def split(x):
@@ -103,17 +113,23 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
                loss_chunk_tokens: int = 0, batch_ways: int = 1,
-               reduce: Callable[[Any], Any] = lambda x: x) -> tuple[TrainState, dict[str, jax.Array]]:
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the global batch (mean loss over its weighted targets).
 
     `loss_chunk_tokens` and `batch_ways` (how many ways the batch is split over devices) tile
-    the cross-entropy (`token_losses`).
+    the cross-entropy (`token_losses`). With `axis_name` the step runs on one device's rows
+    (pmap, shard_map): weights, loss and gradients are summed over that axis (`psum_flat`)
+    and each device draws its own dropout masks.
 
     metrics['nonfinite'] is 1 when the loss or gradients hold a NaN or Inf. With
     `skip_nonfinite` such an update is dropped (params and optimizer state stay as they
     were) while the step still counts, so the next step sees the next batch.
     """
     step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    reduce: Callable[[Any], Any] = lambda x: x
+    if axis_name is not None:
+        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+        reduce = functools.partial(psum_flat, axis_name=axis_name)
     use_dropout = model.cfg.dropout > 0
     total_weight = reduce(_weights(batch).sum())
 
