@@ -9,13 +9,15 @@ import tempfile
 # Tests run on the CPU (fake devices where they need several), also where libtpu (the `tpu`
 # extra, for lm.aot) or a GPU is installed; subprocesses inherit this.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, shared by subprocesses: tests compile the
-# same tiny steps many times. Kept out of the user's ~/.cache/lm/jax (test_train checks that one).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lm-test-jax-cache-"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax
 import pytest
+
+# One persistent compilation cache for the session's subprocesses (set after JAX started here:
+# this process compiles TPU topologies, which JAX's cache cannot load back): they compile the
+# same tiny steps many times. Kept out of the user's ~/.cache/lm/jax (test_train checks that one).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lm-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 from lm.config import load_config
 from lm.data import packaged
