@@ -22,7 +22,7 @@ def test_packaged_corpora_are_installed_and_checked():
         path = packaged.path(packaged.SCHEME + name)
         data = path.read_bytes()
         assert len(data) == corpus.size and hashlib.sha256(data).hexdigest() == corpus.sha256
-        assert "site-packages" in str(path) or path.is_relative_to(ROOT / "lm")  # package data, not ../shared
+        assert "site-packages" in str(path) or path.is_relative_to(ROOT / "lm")  # package data inside lm, nothing beside the checkout
     cfg = load_config(ROOT / "configs" / "shakespeare_cpu.yaml")
     assert cfg.data.text_file == "builtin:tinyshakespeare" and read_text(cfg.data).startswith("First Citizen:")
     with pytest.raises(LMError, match="lm data list"):
