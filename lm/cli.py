@@ -22,7 +22,7 @@ from typing import Callable
 
 # JAX's persistent compilation cache, on for every command: a second run of a config skips its
 # compiles. JAX_COMPILATION_CACHE_DIR moves it; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
-# Not for `lm aot`: JAX cannot load a cached TPU-topology executable back (each read warns).
+# (`lm aot` compiles for TPU topologies without it: lm.tools.aot.tpu_compile.)
 COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join("~", ".cache", "lm", "jax"),
                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
 
@@ -30,18 +30,18 @@ COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join("~", ".cache", "l
 def main(argv: list[str] | None = None) -> None:
     """Runs `lm SUBCOMMAND ...` (argv defaults to sys.argv[1:])."""
     args = parser().parse_args(argv)
-    run(lambda: args.command(args), args.debug, compilation_cache=args.name != "aot")
+    run(lambda: args.command(args), args.debug)
 
 
-def run(command: Callable[[], None], debug: bool = False, compilation_cache: bool = True) -> None:
-    """Runs `command` (with JAX's persistent compilation cache unless told not to), turning user
-    errors into one line on stderr and exit code 2."""
+def run(command: Callable[[], None], debug: bool = False) -> None:
+    """Runs `command` with JAX's persistent compilation cache, turning user errors into one line
+    on stderr and exit code 2."""
     from absl import logging as absl_logging
 
     from lm.errors import LMError
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's informational chatter
-    for name, value in COMPILATION_CACHE.items() if compilation_cache else ():  # read when JAX is imported
+    for name, value in COMPILATION_CACHE.items():  # read when JAX is imported
         os.environ.setdefault(name, os.path.expanduser(value))
     try:
         command()

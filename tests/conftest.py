@@ -10,17 +10,17 @@ import tempfile
 # extra, for lm.aot) or a GPU is installed; subprocesses inherit this.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
-import pytest
-
-# One persistent compilation cache for the session's subprocesses (set after JAX started here:
-# this process compiles TPU topologies, which JAX's cache cannot load back): they compile the
-# same tiny steps many times. Kept out of the user's ~/.cache/lm/jax (test_train checks that one).
+# One persistent compilation cache for the whole run, this process, pytest-xdist's workers (they
+# inherit it) and every subprocess: the tests compile the same tiny steps many times. Kept out of
+# the user's ~/.cache/lm/jax (test_train checks that one). lm aot's TPU compiles bypass it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lm-test-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
-from lm.config import load_config
-from lm.data import packaged
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from lm.config import load_config  # noqa: E402
+from lm.data import packaged  # noqa: E402
 
 # In-process tests see one CPU device whatever the machine's cores; train.py subprocesses
 # split the cores as users' runs do (lm.parallel.cpu), and test_parallel asks for 8 devices.
@@ -49,3 +49,9 @@ def tiny_config(tmp_path, shakespeare):
         return load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir or tmp_path / 'run'}", *overrides])
 
     return make
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most 8 (each holds a JAX runtime and its compiles)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))

@@ -17,6 +17,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from lm.tools import aot  # noqa: E402
 from lm.errors import LMError  # noqa: E402
 
+# The tests run with JAX's persistent cache on (tests/conftest.py): TPU compiles must bypass it
+# (lm.tools.aot.tpu_compile), or compiling a program twice reads back what cannot be loaded.
+pytestmark = pytest.mark.filterwarnings("error:Error reading persistent compilation cache entry")
+
 TOPOLOGY = "v5e:2x2"  # 4 chips of 16 GiB
 # The tiny model, widened so TPU tile padding (8 x 128) does not dominate its few kilobytes.
 TILE_FRIENDLY = ("model.d_model=256", "model.n_heads=2", "model.vocab_size=512")
@@ -56,12 +60,13 @@ def test_tiny_compiles_for_data_and_fsdp_meshes(reports):
 
 
 def test_memory_grows_with_batch(reports):
-    small, large = reports("train.seq_len=64"), reports("train.seq_len=64", "train.batch_size=1024")
-    # 256 rows per chip: float32 logits alone are 256 x 64 x 512 x 4 bytes = 32 MiB.
-    assert large["hbm_temp_bytes"] > 10 * small["hbm_temp_bytes"]
-    assert large["hbm_needed_bytes"] > small["hbm_needed_bytes"] + 32 * 2**20
+    small, large = reports(), reports("train.batch_size=128")
+    # 32 rows per chip: float32 logits alone are 32 x 32 x 512 x 4 bytes = 2 MiB. (Temporaries alone
+    # need not grow at such sizes: the compiler re-plans its buffers and can use less.)
+    logits_bytes = 32 * 32 * 512 * 4
+    assert large["hbm_needed_bytes"] > small["hbm_needed_bytes"] + logits_bytes
     assert large["hbm_argument_bytes"] > small["hbm_argument_bytes"]  # the batch itself is an argument
-    assert large["model_flops_per_step"] == 128 * small["model_flops_per_step"]
+    assert large["model_flops_per_step"] == 16 * small["model_flops_per_step"]
 
 
 @pytest.mark.slow
@@ -122,9 +127,9 @@ def test_a_tiled_loss_whole_logits_cannot_cost_is_costed_tiled(monkeypatch, shak
 
     monkeypatch.setattr(aot, "compile_step", refuse_whole_logits)
     cfg = load_config("configs/tiny.yaml", [f"data.text_file={shakespeare}", *TILE_FRIENDLY, "model.vocab_size=4096",
-                                            "train.batch_size=64", "train.seq_len=64", "train.loss_chunk_tokens=256"])
+                                            "train.batch_size=16", "train.seq_len=64", "train.loss_chunk_tokens=64"])
     r = aot.analyse(cfg, TOPOLOGY)
-    assert (r["loss_chunks"], r["loss_chunk_tokens"]) == (4, 256) and "one slice's cost scaled to all" in r["cost_source"]
+    assert (r["loss_chunks"], r["loss_chunk_tokens"]) == (4, 64) and "one slice's cost scaled to all" in r["cost_source"]
     # The output layer is most of this model's FLOPs: counted once per step, not a quarter of it.
     assert 1.0 < r["compiler_flops_per_step"] / r["model_flops_per_step"] < 1.5
 

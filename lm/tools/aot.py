@@ -11,6 +11,7 @@ is a compiler estimate, not a measurement.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -104,7 +105,23 @@ def compile_step(cfg: Config, devices):
     from lm.training.runtime import build
 
     rt = build(cfg, ByteTokenizer(), devices=devices)
-    return rt, rt.train_step.lower(rt.restore_target, rt.abstract_batch()).compile()
+    return rt, tpu_compile(rt.train_step.lower(rt.restore_target, rt.abstract_batch()))
+
+
+def tpu_compile(lowered):
+    """Compiles a program lowered for topology devices, bypassing JAX's persistent compilation
+    cache (on for every lm command): a cached TPU-topology executable cannot be loaded back, and
+    each read would warn."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    with contextlib.ExitStack() as restore:
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()  # JAX decides once whether the cache is used: ask again
+        restore.callback(compilation_cache.reset_cache)
+        restore.callback(jax.config.update, "jax_enable_compilation_cache", enabled)
+        return lowered.compile()
 
 
 def refused(e: Exception) -> bool:
@@ -166,7 +183,7 @@ def _optimizer_cost(rt) -> np.ndarray:
 
     s, target = rt.state_sharding, rt.restore_target
     jitted = jax.jit(update, in_shardings=(s.params, s.opt_state), out_shardings=(s.params, s.opt_state))
-    return _cost(jitted.lower(target.params, target.opt_state).compile())
+    return _cost(tpu_compile(jitted.lower(target.params, target.opt_state)))
 
 
 def step_cost(cfg: Config, devices, rt, compiled) -> tuple[np.ndarray, str, bool]:
