@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import tempfile
 
 # Tests run on the CPU (fake devices where they need several), also where libtpu (the `tpu`
@@ -13,7 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run, this process, pytest-xdist's workers (they
 # inherit it) and every subprocess: the tests compile the same tiny steps many times. Kept out of
 # the user's ~/.cache/lm/jax (test_train checks that one). lm aot's TPU compiles bypass it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lm-test-jax-cache-"))
+_OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="lm-test-jax-cache-")
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
@@ -55,3 +58,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: a worker per core, at most 8 (each holds a JAX runtime and its compiles)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(8, cores or 1))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The process that made the run's compilation cache (not an xdist worker) removes it."""
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
