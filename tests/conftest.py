@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 
 from lm.config import load_config  # noqa: E402
 from lm.data import packaged  # noqa: E402
+from lm.parallel.cpu import usable_cores  # noqa: E402
 
 # In-process tests see one CPU device whatever the machine's cores; train.py subprocesses
 # split the cores as users' runs do (lm.parallel.cpu), and test_parallel asks for 8 devices.
@@ -55,9 +56,8 @@ def tiny_config(tmp_path, shakespeare):
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto`: a worker per core, at most 8 (each holds a JAX runtime and its compiles)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, cores or 1))
+    """`-n auto`: a worker per usable core, at most 8 (each holds a JAX runtime and its compiles)."""
+    return min(8, usable_cores())
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
