@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lm.training.checkpoint import Checkpoints
 from lm.errors import LMError
 from lm.training.runtime import build
+from lm.training.optim import make_optimizer
 from lm.training.step import train_step
 from lm.data.tokenizers import ByteTokenizer
 from lm.training.loop import train
@@ -30,6 +33,35 @@ def _step_inputs(tiny_config):
     good = {"inputs": tokens, "targets": tokens, "weights": jnp.ones(tokens.shape)}
     bad = {**good, "weights": jnp.full(tokens.shape, jnp.nan)}
     return rt.init(jax.random.key(0)), good, bad, dict(model=rt.model, tx=rt.tx, schedule=rt.schedule, seed=0)
+
+
+def test_the_step_clips_gradients_as_optax_would(tiny_config):
+    """clip_norm scales the summed gradients like optax.clip_by_global_norm (seen through plain SGD, which
+    Adam's scale invariance would hide) and reports the norm before clipping."""
+    state, good, _, kwargs = _step_inputs(tiny_config)
+    def step(tx, **clip):
+        return train_step(state.replace(opt_state=tx.init(state.params)), good, **{**kwargs, "tx": tx}, **clip)
+
+    unclipped, metrics = step(optax.sgd(1.0))
+    clip = float(metrics["grad_norm"]) / 10
+    ours, ours_metrics = step(optax.sgd(1.0), clip_norm=clip)
+    theirs, _ = step(optax.chain(optax.clip_by_global_norm(clip), optax.sgd(1.0)))
+    assert float(ours_metrics["grad_norm"]) == pytest.approx(float(metrics["grad_norm"]), rel=1e-6)
+    for a, b, c in zip(*(jax.tree.leaves(s.params) for s in (ours, theirs, unclipped))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    moved = [np.abs(np.asarray(s.params["token_embed"]["embedding"] - state.params["token_embed"]["embedding"])).max()
+             for s in (ours, unclipped)]
+    assert moved[0] == pytest.approx(moved[1] / 10, rel=1e-3)
+
+
+def test_optimizer_state_keeps_the_layout_of_optax_clipping(tiny_config):
+    """optim.grad_clip > 0 keeps the chain's first, stateless link, so older checkpoints restore."""
+    cfg = tiny_config(*SMALL, "optim.grad_clip=1.0")
+    tx, _ = make_optimizer(cfg.optim, 10)
+    adamw, _ = make_optimizer(dataclasses.replace(cfg.optim, grad_clip=0.0), 10)
+    params = {"dense": {"kernel": jnp.ones((2, 3))}, "norm": {"scale": jnp.ones(3)}}
+    ours, older = tx.init(params), optax.chain(optax.clip_by_global_norm(1.0), adamw).init(params)
+    assert jax.tree.structure(ours) == jax.tree.structure(older)
 
 
 def test_train_step_flags_and_drops_nonfinite_updates(tiny_config):

@@ -173,7 +173,7 @@ def _cost(compiled, block_q: int = 0) -> np.ndarray:
 
 
 def _optimizer_cost(rt) -> np.ndarray:
-    """Cost of the optimizer update alone (clipping, AdamW, apply), on the state's shardings."""
+    """Cost of the optimizer update alone (AdamW, apply; the step clips with one scale), on the state's shardings."""
     import jax
     import optax
 

@@ -1,4 +1,4 @@
-"""The Optax chain: warmup + cosine schedule, global-norm clipping, AdamW with a decay mask."""
+"""The Optax chain: warmup + cosine schedule, AdamW with a decay mask (global-norm clipping is the step's)."""
 
 from __future__ import annotations
 
@@ -33,9 +33,16 @@ def decay_mask(params, decay_embeddings: bool = False):
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW after a stateless first link when optim.grad_clip > 0, the schedule).
+
+    The train step clips the gradients itself (`lm.training.step.train_step`'s `clip_norm`), on
+    the global norm it already computes for its metrics, instead of a second norm and per-tensor
+    select in `optax.clip_by_global_norm`. The link that held that clip stays (`optax.identity`,
+    the same empty state), so optimizer states keep their layout and older checkpoints restore.
+    """
     schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=lambda params: decay_mask(params, cfg.decay_embeddings))
     if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw), schedule
+        return optax.chain(optax.identity(), adamw), schedule
     return adamw, schedule

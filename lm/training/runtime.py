@@ -176,7 +176,7 @@ def build(cfg: Config, tokenizer, devices=None) -> Runtime:
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
                              grad_accum_steps=passes, skip_nonfinite=cfg.train.skip_nonfinite,
                              loss_chunk_tokens=loss_tokens, batch_ways=1 if per_device else ways,
-                             axis_name=mesh_lib.PMAP_AXIS if per_device else None)
+                             clip_norm=cfg.optim.grad_clip, axis_name=mesh_lib.PMAP_AXIS if per_device else None)
     evaluate = functools.partial(eval_step, model=model, pass_tokens=chunk_tokens(cfg, platform),
                                  batch_ways=1 if mapped else ways, loss_chunk_tokens=loss_tokens)
     if mapped:

@@ -112,7 +112,7 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-               loss_chunk_tokens: int = 0, batch_ways: int = 1,
+               loss_chunk_tokens: int = 0, batch_ways: int = 1, clip_norm: float = 0.0,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the global batch (mean loss over its weighted targets).
 
@@ -120,6 +120,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     the cross-entropy (`token_losses`). With `axis_name` the step runs on one device's rows
     (pmap, shard_map): weights, loss and gradients are summed over that axis (`psum_flat`)
     and each device draws its own dropout masks.
+
+    `clip_norm` > 0 scales the summed gradients by min(1, clip_norm / their global norm) before
+    `tx` (optim.grad_clip); metrics['grad_norm'] is that norm, before clipping.
 
     metrics['nonfinite'] is 1 when the loss or gradients hold a NaN or Inf. With
     `skip_nonfinite` such an update is dropped (params and optimizer state stay as they
@@ -151,10 +154,13 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
         micro_batches = _split_micro(batch, grad_accum_steps)
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
     loss, grads = reduce((loss, grads))
+    grad_norm = optax.tree.norm(grads)
+    if clip_norm > 0:  # one factor, fused into the optimizer's own pass over each tensor
+        factor = jnp.minimum(1.0, clip_norm / grad_norm)
+        grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
