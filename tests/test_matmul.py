@@ -59,8 +59,9 @@ def test_used_on_cpu_only():
 
 
 def test_compiler_options_drop_an_option_this_jaxlib_lacks(monkeypatch):
+    assert matmul.cpu_compiler_options() == {**matmul.EIGEN_MATMULS, **matmul.FAST_MIN_MAX}  # this jaxlib has both
     monkeypatch.setattr(matmul, "EIGEN_MATMULS", {"xla_cpu_no_such_option": ""})
     matmul.cpu_compiler_options.cache_clear()
-    assert matmul.cpu_compiler_options() == {}
+    assert matmul.cpu_compiler_options() == matmul.FAST_MIN_MAX
     monkeypatch.undo()
     matmul.cpu_compiler_options.cache_clear()

@@ -18,6 +18,11 @@ from jax import lax
 # XLA:CPU fuses matmuls into experimental YNNPACK kernels by default; Eigen's run the
 # shakespeare train steps faster (shakespeare_char: ~1.15-1.35x on 2 cores; docs/benchmarks.md, "Against PyTorch on CPU").
 EIGEN_MATMULS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU's max and min propagate NaN with a compare and select per element; without that a
+# softmax's row max runs ~2.7x faster and the shakespeare_cpu step ~2% (docs/benchmarks.md).
+# A NaN still reaches the loss and the gradient norm through exp and sums, where the step's
+# nonfinite check sees it.
+FAST_MIN_MAX = {"xla_cpu_enable_fast_min_max": True}
 
 
 def _contract_lead(a, b, lead: int):
@@ -72,10 +77,13 @@ def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_t
 
 
 @functools.cache
-def cpu_compiler_options() -> dict[str, str]:
-    """Compiler options for train/eval steps on CPU: EIGEN_MATMULS where this jaxlib knows the option."""
-    try:
-        jax.jit(lambda x: x @ x, compiler_options=EIGEN_MATMULS).lower(jnp.ones((2, 2))).compile()
-    except jax.errors.JaxRuntimeError:  # a jaxlib without the option: keep XLA's defaults
-        return {}
-    return EIGEN_MATMULS
+def cpu_compiler_options() -> dict:
+    """Compiler options for train/eval steps on CPU: EIGEN_MATMULS and FAST_MIN_MAX, each where this jaxlib knows it."""
+    options = {}
+    for option in (EIGEN_MATMULS, FAST_MIN_MAX):
+        try:
+            jax.jit(lambda x: x @ x, compiler_options=option).lower(jnp.ones((2, 2))).compile()
+        except jax.errors.JaxRuntimeError:  # a jaxlib without the option: keep XLA's default
+            continue
+        options.update(option)
+    return options

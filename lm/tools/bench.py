@@ -144,8 +144,9 @@ def format_table(result: dict) -> str:
     if result["cpu_options"]:
         o = result["cpu_options"]
         rows.insert(1, ("CPU options", f"{o['devices']} device(s), passes of <= {o['pass_tokens']} tokens, "
-                                       f"{o['matmuls']} matmuls, attention {o['attention_query_block'] or 'all'} "
-                                       f"queries at a time, gradients summed by the {o['gradient_sum']}"))
+                                       f"{o['matmuls']} matmuls, {o['min_max']} max/min, "
+                                       f"attention {o['attention_query_block'] or 'all'} queries at a time, "
+                                       f"gradients summed by the {o['gradient_sum']}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

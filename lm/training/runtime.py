@@ -35,7 +35,7 @@ from lm.model.layers import Kernels
 from lm.model.transformer import Transformer
 from lm.parallel import mesh as mesh_lib
 from lm.parallel.cpu import chunk_tokens, train_passes
-from lm.parallel.matmul import cpu_compiler_options, dense_dot_general
+from lm.parallel.matmul import EIGEN_MATMULS, FAST_MIN_MAX, cpu_compiler_options, dense_dot_general
 from lm.training.optim import make_optimizer
 from lm.training.step import TrainState, eval_step, init_state, loss_chunk_tokens, train_step
 
@@ -128,7 +128,8 @@ class Runtime:
         if self.mesh.devices.flat[0].platform != "cpu":
             return None
         return {"devices": self.mesh.size, "pass_tokens": self.cfg.parallel.cpu_chunk_tokens,
-                "matmuls": "eigen" if cpu_compiler_options() else "xla default",
+                "matmuls": "eigen" if EIGEN_MATMULS.keys() <= cpu_compiler_options().keys() else "xla default",
+                "min_max": "fast" if FAST_MIN_MAX.keys() <= cpu_compiler_options().keys() else "nan-propagating",
                 "attention_query_block": self.model.kernels.query_block,
                 "gradient_sum": "one flat buffer" if self.per_device and self.mesh.size > 1 else "compiler's"}
 
