@@ -78,12 +78,16 @@ def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_t
 
 @functools.cache
 def cpu_compiler_options() -> dict:
-    """Compiler options for train/eval steps on CPU: EIGEN_MATMULS and FAST_MIN_MAX, each where this jaxlib knows it."""
-    options = {}
-    for option in (EIGEN_MATMULS, FAST_MIN_MAX):
+    """Compiler options for train/eval steps on CPU: EIGEN_MATMULS and FAST_MIN_MAX, each where this
+    jaxlib knows it (one probe compile when it knows both)."""
+    def known(option: dict) -> bool:
         try:
             jax.jit(lambda x: x @ x, compiler_options=option).lower(jnp.ones((2, 2))).compile()
         except jax.errors.JaxRuntimeError:  # a jaxlib without the option: keep XLA's default
-            continue
-        options.update(option)
-    return options
+            return False
+        return True
+
+    both = {**EIGEN_MATMULS, **FAST_MIN_MAX}
+    if known(both):
+        return both
+    return {k: v for option in (EIGEN_MATMULS, FAST_MIN_MAX) if known(option) for k, v in option.items()}
