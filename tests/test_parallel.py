@@ -93,9 +93,9 @@ def test_losses_agree_on_every_layout(eight, one):
         assert max_diff(eight[name]["losses"], baseline) < F32_BOUND, name
     assert (eight["data8"]["passes"], eight["accum4"]["passes"], eight["chunked"]["passes"]) == (1, 4, 4)
     assert eight["data8"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
-    # CPU data parallelism sums the gradients as one flat buffer (lm.training.step.psum_flat),
-    # not one all-reduce operand per parameter as the partitioner would.
-    assert eight["data8"]["all_reduces"] <= 2 < eight["fsdp4_tensor2"]["all_reduces"]
+    # CPU data parallelism sums loss, gradients and target weights as one flat buffer at the end
+    # (lm.training.step.psum_flat): the devices meet once a step, not once per parameter.
+    assert eight["data8"]["all_reduces"] == 1 < eight["fsdp4_tensor2"]["all_reduces"]
     assert eight["fsdp4_tensor2"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
     assert eight["accum4"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
 

@@ -118,8 +118,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
 
     `loss_chunk_tokens` and `batch_ways` (how many ways the batch is split over devices) tile
     the cross-entropy (`token_losses`). With `axis_name` the step runs on one device's rows
-    (pmap, shard_map): weights, loss and gradients are summed over that axis (`psum_flat`)
-    and each device draws its own dropout masks.
+    (pmap, shard_map): weights, loss and gradients are summed over that axis in one `psum_flat`
+    after the backward pass (the loss is differentiated as a sum, then divided by the summed
+    weights), and each device draws its own dropout masks.
 
     `clip_norm` > 0 scales the summed gradients by min(1, clip_norm / their global norm) before
     `tx` (optim.grad_clip); metrics['grad_norm'] is that norm, before clipping.
@@ -134,16 +135,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
         reduce = functools.partial(psum_flat, axis_name=axis_name)
     use_dropout = model.cfg.dropout > 0
-    total_weight = reduce(_weights(batch).sum())
 
     def loss_fn(params, micro: Batch, rng: jax.Array):
         losses_BxT = token_losses(params, model, micro, rng if use_dropout else None,
                                   chunk_tokens=loss_chunk_tokens, batch_ways=batch_ways)
-        return (losses_BxT * _weights(micro)).sum() / total_weight
+        return (losses_BxT * _weights(micro)).sum()
 
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
-        loss, grads = grad_fn(state.params, batch, step_rng)
+        loss_sum, grad_sums = grad_fn(state.params, batch, step_rng)
     else:
         def accumulate(carry, xs):
             index, micro = xs
@@ -152,12 +152,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
         micro_batches = _split_micro(batch, grad_accum_steps)
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
-    loss, grads = reduce((loss, grads))
-    grad_norm = optax.tree.norm(grads)
-    if clip_norm > 0:  # one factor, fused into the optimizer's own pass over each tensor
-        factor = jnp.minimum(1.0, clip_norm / grad_norm)
-        grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+        (loss_sum, grad_sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
+    loss_sum, grad_sums, total_weight = reduce((loss_sum, grad_sums, _weights(batch).sum()))
+    loss = loss_sum / total_weight
+    grad_norm = optax.tree.norm(grad_sums) / total_weight
+    # The mean's 1/weight and the clipping factor: one scale, fused into the optimizer's own pass.
+    scale = 1.0 / total_weight
+    if clip_norm > 0:
+        scale = scale * jnp.minimum(1.0, clip_norm / grad_norm)
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grad_sums)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
