@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, SHAKESPEARE
+from tests.conftest import FAST_COMPILE_FLAG, ROOT, SHAKESPEARE
 
 WORKER = ROOT / "tests" / "parallel_worker.py"
 F32_BOUND = 1e-5  # float32 rounding after 4-5 steps of the tiny model
@@ -24,7 +24,7 @@ BF16_BOUND = 0.05  # bfloat16 activations vs float32, same steps
 
 
 def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ, "XLA_FLAGS": f"{FAST_COMPILE_FLAG} --xla_force_host_platform_device_count={devices}",
             "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 
 
