@@ -20,8 +20,8 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 # The tests compile hundreds of tiny steps and run few of each: LLVM's optimisation of XLA:CPU's
-# code costs them more than it saves (the suite ~20% faster on 2 cores without it). Every lm program
-# of the test run is built alike, so programs a test compares agree as before; users' runs keep XLA's default.
+# code costs them more than it saves (the suite ~20% faster on 2 cores without it). Programs a test
+# compares with each other are built alike (subprocesses inherit it); users' runs keep XLA's default.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
