@@ -8,13 +8,16 @@ Step mode: each round runs `python -m lm.bench` (the config and overrides) and t
 `benchmarks/torch_reference.py` with the config's shape (layers, width, heads, batch,
 sequence, dropout, gradient accumulation, byte vocabulary), each in a fresh process, so both
 see the same machine load over time. Prints every round and the median tokens/s of each
-side, and their ratio.
+side, their ratio, and the median of the per-round ratios (steadier on a VM whose load moves
+between rounds).
 
 Whole-run mode (`--whole_run`): each round times `python train.py --config C` (a fresh
 run_dir: imports, compiles, every step, validation, checkpoints, to the process's exit)
 against `torch_reference.py --whole_run` with the config's steps, learning rate, validation
-and checkpoint schedule, and prints the wall seconds of each, their ratio and both final
-validation losses.
+and checkpoint schedule, and prints the wall seconds of each, their ratio (also per round) and
+both final validation losses.
+
+Both modes first print the processor (`lm info`'s line for it): CPU figures hold only for it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 import time
 
 from lm.config import load_config
+from lm.tools.info import processor
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -72,7 +76,8 @@ def step_rounds(args, cfg) -> None:
               f"MFU {lm_result['mfu']:.1%}) | torch {theirs[-1]:,.0f} tokens/s ({torch_result['threads']} threads)",
               flush=True)
     lm_median, torch_median = statistics.median(ours), statistics.median(theirs)
-    print(f"median: lm {lm_median:,.0f} | torch {torch_median:,.0f} | lm / torch = {lm_median / torch_median:.2f}")
+    print(f"median: lm {lm_median:,.0f} | torch {torch_median:,.0f} | lm / torch = {lm_median / torch_median:.2f} "
+          f"(per round: median {statistics.median(a / b for a, b in zip(ours, theirs)):.2f})")
 
 
 def whole_run_rounds(args, cfg) -> None:
@@ -93,7 +98,8 @@ def whole_run_rounds(args, cfg) -> None:
               f"(val_loss {last_val_loss(torch_out):.4f})", flush=True)
     lm_median, torch_median = statistics.median(ours), statistics.median(theirs)
     print(f"median wall: lm {lm_median:.1f} s | torch {torch_median:.1f} s | torch / lm = "
-          f"{torch_median / lm_median:.2f} (above 1: lm's whole run is faster)")
+          f"{torch_median / lm_median:.2f} (per round: median {statistics.median(b / a for a, b in zip(ours, theirs)):.2f}; "
+          "above 1: lm's whole run is faster)")
 
 
 def main() -> None:
@@ -106,6 +112,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for lm (the torch model follows the shape)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
+    print(f"processor: {processor()}", flush=True)
     (whole_run_rounds if args.whole_run else step_rounds)(args, cfg)
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
+
+import pytest
 
 from lm.tools import info
 from tests.conftest import ROOT
@@ -40,12 +43,47 @@ def test_a_libtpu_or_cuda_plugin_jax_does_not_name_is_one_sentence_with_the_fix(
     assert info.mismatches(versions(jaxlib="0.10.0"), {"jax": JAX_REQUIRES})[0].startswith("jaxlib 0.10.0")
 
 
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC 9B14
+power management:
+flags\t\t: fpu sse4_2 avx avx2 avx512f avx512_bf16
+
+processor\t: 1
+model name\t: another processor
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes sve
+CPU implementer\t: 0x41
+"""
+
+
+@pytest.mark.parametrize("text, expected", [
+    (AMD_CPUINFO, "AMD EPYC 9B14, family 25 model 17, AVX-512"),
+    (AMD_CPUINFO.replace(" avx512f", "").replace("model name\t: AMD EPYC 9B14", "model name\t: Intel(R) Xeon(R)"),
+     "Intel(R) Xeon(R), family 25 model 17, AVX2"),
+    (ARM_CPUINFO, f"{platform.machine()}, SVE"),
+])
+def test_processor_names_model_family_and_vector_width_of_the_first_cpu(tmp_path, text, expected):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert info.processor(str(path)) == expected
+
+
+def test_processor_without_cpuinfo_falls_back_to_platform(tmp_path):
+    assert info.processor(str(tmp_path / "absent")) == (platform.processor() or platform.machine())
+
+
 def test_lm_info_on_this_machine_prints_the_cpu_and_no_warning():
     env_free = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
     text = subprocess.run([sys.executable, "-m", "lm.info"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=env_free)
     assert text.returncode == 0 and text.stderr == "", text.stderr
     assert "backend cpu:" in text.stdout and "warning" not in text.stdout
+    assert f" | {info.processor()} | " in text.stdout.splitlines()[0]
     report = json.loads(subprocess.run([sys.executable, "-m", "lm", "info", "--json"], cwd=ROOT, capture_output=True,
                                        text=True, timeout=120, env=env_free).stdout)
     assert report["backend"] == "cpu" and report["devices"] >= 1 and report["processes"] == 1

@@ -13,6 +13,7 @@ import pytest
 from lm.cli import main as cli_main
 
 from lm.tools import bench
+from lm.tools.info import processor
 from lm.observe.log import Progress
 from lm.tools.plot import plot_runs
 from lm.training.loop import train
@@ -103,3 +104,4 @@ def test_bench_json_prints_every_field_and_an_honest_mfu(shakespeare, capsys):
                                      "attention_query_block": 64,
                                      "gradient_sum": "compiler's"}  # this process sees one CPU device
     assert "CPU options     1 device(s), passes of <= 1024 tokens, eigen matmuls, fast max/min" in bench.format_table(result)
+    assert result["processor"] == processor() and f"processor       {processor()}\n" in bench.format_table(result)

@@ -29,6 +29,7 @@ from lm.errors import LMError
 from lm.observe.flops import flops_per_token, mfu, peak_flops
 from lm.parallel.cpu import split_cpu
 from lm.parallel.mesh import host_rows
+from lm.tools.info import processor
 from lm.training.runtime import build
 
 SYNTHETIC_TOKENS = 1 << 20
@@ -108,6 +109,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
     memory, memory_source = peak_memory(devices)
     return {
         "platform": devices[0].platform, "device_kind": devices[0].device_kind, "n_devices": len(devices),
+        "processor": processor(),
         "dtype": cfg.model.dtype, "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
         "passes": rt.train_passes,
         "tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / len(devices),
@@ -143,7 +145,8 @@ def format_table(result: dict) -> str:
     ]
     if result["cpu_options"]:
         o = result["cpu_options"]
-        rows.insert(1, ("CPU options", f"{o['devices']} device(s), passes of <= {o['pass_tokens']} tokens, "
+        rows.insert(1, ("processor", result["processor"]))
+        rows.insert(2, ("CPU options", f"{o['devices']} device(s), passes of <= {o['pass_tokens']} tokens, "
                                        f"{o['matmuls']} matmuls, {o['min_max']} max/min, "
                                        f"attention {o['attention_query_block'] or 'all'} queries at a time, "
                                        f"gradients summed by the {o['gradient_sum']}"))

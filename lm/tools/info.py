@@ -1,4 +1,4 @@
-"""`lm info`: the versions that matter, the backend and its devices, and known version mismatches.
+"""`lm info`: the versions that matter, the processor, the backend and its devices, and known version mismatches.
 
 A mismatch is a package installed beside jax whose version jax's own metadata rules out
 (e.g. a libtpu other than the one `jax[tpu]` names, or a CUDA plugin built for another
@@ -17,6 +17,34 @@ PACKAGES = ("lm", "jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pj
             "jax-cuda13-pjrt", "flax", "optax", "orbax-checkpoint", "numpy")
 REQUIRERS = ("jax", "jax-cuda12-plugin", "jax-cuda13-plugin")  # whose pins on the others are checked
 ACCELERATOR_EXTRAS = ("tpu", "cuda", "cuda12", "cuda13")  # jax's extras that install a companion package
+CPUINFO = "/proc/cpuinfo"
+# The widest vector extension a CPU timing depends on, by its /proc/cpuinfo flag (x86 "flags", Arm "Features").
+SIMD_FLAGS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sse4_2", "SSE4.2"), ("sve", "SVE"), ("asimd", "NEON"))
+
+
+def processor(cpuinfo: str = CPUINFO) -> str:
+    """This machine's processor as CPU figures should name it, e.g. "AMD EPYC, family 25 model 17, AVX-512".
+
+    Read from the first processor of /proc/cpuinfo (model name, x86 family and model, widest
+    vector extension); elsewhere whatever `platform` knows.
+    """
+    try:
+        lines = open(cpuinfo).read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, colon, value = line.partition(":")
+        if not colon and fields:  # the blank line after the first processor
+            break
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    parts = [fields.get("model name") or fields.get("Hardware") or platform.machine()]
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    parts += [label for flag, label in SIMD_FLAGS if flag in flags][:1]
+    return ", ".join(parts)
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -68,7 +96,7 @@ def info() -> dict:
     """Versions, mismatches, and what JAX sees: backend, device kind and counts, processes."""
     versions = installed_versions()
     report = {"lm": versions["lm"], "python": sys.version.split()[0], "machine": f"{platform.system()} "
-              f"{platform.machine()}", "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              f"{platform.machine()}", "processor": processor(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else os.cpu_count(), "versions": versions,
               "warnings": mismatches(versions, requirements(versions))}
     try:
@@ -86,7 +114,7 @@ def format_info(r: dict) -> str:
     v = r["versions"]
     cuda = ", ".join(f"{n} {v[n]}" for n in PACKAGES if "cuda" in n and v[n]) or "none"
     lines = [
-        f"lm {r['lm']} | Python {r['python']} | {r['machine']} | {r['cores']} cores",
+        f"lm {r['lm']} | Python {r['python']} | {r['machine']} | {r['processor']} | {r['cores']} cores",
         f"jax {v['jax']} | jaxlib {v['jaxlib']} | libtpu {v['libtpu'] or 'none'} | CUDA plugin {cuda}",
         f"flax {v['flax']} | optax {v['optax']} | orbax-checkpoint {v['orbax-checkpoint']} | numpy {v['numpy']}",
     ]
