@@ -29,7 +29,8 @@ def processor(cpuinfo: str = CPUINFO) -> str:
     vector extension); elsewhere whatever `platform` knows.
     """
     try:
-        lines = open(cpuinfo).read().splitlines()
+        with open(cpuinfo) as f:
+            lines = f.read().splitlines()
     except OSError:
         return platform.processor() or platform.machine()
     fields: dict[str, str] = {}
@@ -43,8 +44,8 @@ def processor(cpuinfo: str = CPUINFO) -> str:
     if "cpu family" in fields and "model" in fields:
         parts.append(f"family {fields['cpu family']} model {fields['model']}")
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    parts += [label for flag, label in SIMD_FLAGS if flag in flags][:1]
-    return ", ".join(parts)
+    widest = next((label for flag, label in SIMD_FLAGS if flag in flags), None)
+    return ", ".join(parts + ([widest] if widest else []))
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -96,8 +97,9 @@ def info() -> dict:
     """Versions, mismatches, and what JAX sees: backend, device kind and counts, processes."""
     versions = installed_versions()
     report = {"lm": versions["lm"], "python": sys.version.split()[0], "machine": f"{platform.system()} "
-              f"{platform.machine()}", "processor": processor(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-              else os.cpu_count(), "versions": versions,
+              f"{platform.machine()}", "processor": processor(),
+              "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+              "versions": versions,
               "warnings": mismatches(versions, requirements(versions))}
     try:
         import jax
