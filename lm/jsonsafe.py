@@ -1,6 +1,6 @@
 """JSON every parser accepts: non-finite floats become null, and a `nonfinite` field says which were what.
 
-Python's json writes NaN and Infinity, which are not JSON (jq, JavaScript, Go and Rust reject
+Python's json writes NaN and Infinity, which are not JSON (JavaScript's JSON.parse, Go and Rust reject
 them). Everything lm prints with --json and every metrics.jsonl line goes through `dumps`:
 
     dumps({"step": 7, "loss": float("nan")})  ->  {"step": 7, "loss": null, "nonfinite": {"loss": "nan"}}
