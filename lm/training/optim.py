@@ -28,7 +28,7 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
 
 
 def warmup_warning(cfg: OptimConfig, total_steps: int) -> str | None:
-    """A sentence when the warmup does not end before the last step, so optim.lr is never trained at."""
+    """A sentence when the warmup does not end before the last step (the run never trains past it)."""
     if warmup_steps(cfg, total_steps) < total_steps:
         return None
     return (f"optim.warmup_steps={cfg.warmup_steps} does not end before the last step (train.steps={total_steps}): "
