@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Callable
+
+from lm import jsonsafe
 
 # JAX's persistent compilation cache, on for every command: a second run of a config skips its
 # compiles. JAX_COMPILATION_CACHE_DIR moves it; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(command: Callable[[], None], debug: bool = False) -> None:
     """Runs `command` with JAX's persistent compilation cache, turning user errors into one line
-    on stderr and exit code 2."""
+    on stderr and exit code 2, and a closed stdout (`| head`) into a quiet exit."""
     from absl import logging as absl_logging
 
     from lm.errors import LMError
@@ -45,11 +46,15 @@ def run(command: Callable[[], None], debug: bool = False) -> None:
         os.environ.setdefault(name, os.path.expanduser(value))
     try:
         command()
+        sys.stdout.flush()  # inside the try: a reader gone by now is a closed pipe too
     except LMError as e:
         if debug:
             raise
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         sys.exit(2)
+    except BrokenPipeError:  # `lm generate ... | head`: the reader has gone; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
+        sys.exit(1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -176,7 +181,7 @@ def _eval(args) -> None:
 
     result = evaluate(args.run_dir, args.step, args.text_file, args.stride, args.split)
     if args.json:
-        print(json.dumps(result))
+        print(jsonsafe.dumps(result))
     else:
         print(f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
               f"bits/byte {result['bits_per_byte']:.4f} | {result['tokens']:,} tokens")
@@ -244,7 +249,7 @@ def _show_samples(gen, shown: int, n_prompts: int, args) -> int:
     while shown < len(gen.samples) and gen.samples[shown].stop_reason is not None:
         s = gen.samples[shown]
         if args.json:
-            print(json.dumps(dataclasses.asdict(s)), flush=True)
+            print(jsonsafe.dumps(dataclasses.asdict(s)), flush=True)
         else:
             where = [f"prompt {shown // args.num_samples + 1}/{n_prompts}"] if n_prompts > 1 else []
             where += [f"sample {s.sample + 1}/{args.num_samples} (seed {s.seed})"] if args.num_samples > 1 else []
@@ -264,8 +269,8 @@ def _generate_bench(args, run, prompts: list[str]) -> None:
     rows = benchmark(run.params, run.cfg.model, ids, args.max_new_tokens)
     device = jax.devices()[0]
     if args.json:
-        print(json.dumps({"max_new_tokens": args.max_new_tokens, "prompt_tokens": [len(i) for i in ids],
-                          "platform": device.platform, "device_kind": device.device_kind, "rows": rows}))
+        print(jsonsafe.dumps({"max_new_tokens": args.max_new_tokens, "prompt_tokens": [len(i) for i in ids],
+                              "platform": device.platform, "device_kind": device.device_kind, "rows": rows}))
         return
     lengths = sorted({len(i) for i in ids})
     span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
@@ -295,7 +300,7 @@ def _bench(args) -> None:
     from lm.tools.bench import bench, format_table
 
     result = bench(_config(args), args.steps, args.warmup, args.max_seconds)
-    print(json.dumps(result) if args.json else format_table(result), flush=True)
+    print(jsonsafe.dumps(result) if args.json else format_table(result), flush=True)
 
 
 def _aot(args) -> None:
@@ -305,11 +310,11 @@ def _aot(args) -> None:
 
     if not args.fit:
         report = analyse(_config(args), args.topology)
-        print(json.dumps(report) if args.json else format_report(report))
+        print(jsonsafe.dumps(report) if args.json else format_report(report))
         return
     result = fit(_config(args), args.topology)
     if args.json:
-        print(json.dumps(result))
+        print(jsonsafe.dumps(result))
     elif not result["fits"]:
         raise LMError(format_fit(result))
     else:
@@ -360,4 +365,4 @@ def _info(args) -> None:
     from lm.tools.info import format_info, info
 
     report = info()
-    print(json.dumps(report) if args.json else format_info(report))
+    print(jsonsafe.dumps(report) if args.json else format_info(report))

@@ -237,6 +237,18 @@ def test_cli_any_length_streamed_samples_prompt_files(trained, tmp_path, capsys,
 
 
 @pytest.mark.slow
+def test_a_reader_that_stops_early_ends_generation_quietly(trained):
+    """`lm generate ... | head`: no BrokenPipeError traceback once the reader has gone."""
+    proc = subprocess.Popen([sys.executable, "-m", "lm.generate", "--run_dir", trained, "--prompt", "ROMEO:",
+                             "--max_new_tokens", "1000000", "--ignore_eos"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert os.read(proc.stdout.fileno(), 16)  # text is arriving
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == b"", err.decode()
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_with_the_text_so_far(trained):
     proc = subprocess.Popen([sys.executable, "-m", "lm.generate", "--run_dir", trained, "--prompt", "ROMEO:",
                              "--max_new_tokens", "1000000", "--ignore_eos"], cwd=ROOT, stdout=subprocess.PIPE,

@@ -53,8 +53,8 @@ def test_train_prints_only_its_own_lines_with_every_extra_installed(tmp_path):
     """No libtpu start-up errors where libtpu is installed but there is no TPU (JAX_PLATFORMS left unset)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}",
-                             "train.steps=2", "log.every=1", "eval.every=0"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env=env)
+                             "train.steps=2", "optim.warmup_steps=1", "log.every=1", "eval.every=0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
     assert result.stdout.splitlines()[0].endswith("parameters")  # the start banner comes first

@@ -8,12 +8,14 @@ values (`val_loss_by_source`, `tokens_by_source` in metrics.jsonl) become the sc
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import sys
 import time
 
 import jax
 
+from lm import jsonsafe
 from lm.rundir import METRICS_FILE, write_atomic
 
 SCALARS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu")
@@ -45,6 +47,9 @@ class TensorBoard:
         self.writer = None
         if enabled and jax.process_index() == 0:
             self.writer = _summary_writer()(str(run_dir), purge_step=resume_step or None, flush_secs=30)
+            # tensorboardX warns "NaN or Inf found in input tensor." for every such scalar it logs (and
+            # logs it); the run's own divergence message says what happened, once.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
     def scalars(self, record: dict) -> None:
         if self.writer:
@@ -132,7 +137,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(jsonsafe.dumps(record) + "\n")
         self.tensorboard.scalars(record)
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("lr", "lr {:.2e}"),

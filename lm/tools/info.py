@@ -12,6 +12,8 @@ import os
 import platform
 import sys
 
+from lm import __version__
+
 # Packages whose version a run depends on; the first two pairs must agree with jax's metadata.
 PACKAGES = ("lm", "jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
             "jax-cuda13-pjrt", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -49,10 +51,11 @@ def processor(cpuinfo: str = CPUINFO) -> str:
 
 
 def installed_versions() -> dict[str, str | None]:
+    """Each package's installed version (None when absent); lm's is the running source tree's own."""
     versions = {}
     for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
+        try:  # lm's from its source: also right in a checkout that is not installed
+            versions[name] = __version__ if name == "lm" else importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions

@@ -33,6 +33,18 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
+def run_labels(run_dirs: list[str]) -> list[str]:
+    """Each run's shortest path suffix that no other run's has ("a/r" and "b/r" for runs/a/r and
+    runs/b/r; "r" for a run alone in ending so); the path as given when even the whole is shared."""
+    parts = [str(d).rstrip("/").split("/") for d in run_dirs]
+    labels = []
+    for i, p in enumerate(parts):
+        others = {"/".join(q[-n:]) for j, q in enumerate(parts) if j != i for n in range(1, len(q) + 1)}
+        suffixes = ("/".join(p[-n:]) for n in range(1, len(p) + 1))
+        labels.append(next((s for s in suffixes if s and s not in others), str(run_dirs[i])))
+    return labels
+
+
 def plot_runs(run_dirs: list[str], output: str | pathlib.Path) -> pathlib.Path:
     """Draws train (solid) and validation (dashed) loss, and tokens/s, of each run into `output`."""
     import matplotlib
@@ -40,7 +52,7 @@ def plot_runs(run_dirs: list[str], output: str | pathlib.Path) -> pathlib.Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(pathlib.Path(d).name or str(d), read_metrics(d)) for d in run_dirs]
+    runs = [(label, read_metrics(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
     fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for index, (name, records) in enumerate(runs):
         color = f"C{index % 10}"

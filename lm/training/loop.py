@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import sys
 import time
 
 import jax
@@ -30,6 +31,7 @@ from lm.parallel.cpu import split_cpu
 from lm.parallel.mesh import maybe_initialize_distributed
 from lm.training.checkpoint import Checkpoints
 from lm.training.guards import NonfiniteWatch, Preemption
+from lm.training.optim import warmup_warning
 from lm.training.runtime import Runtime, build
 
 
@@ -65,6 +67,8 @@ def train(cfg: Config) -> list[dict]:
             rundir.save_config(cfg, run_dir)
             save_tokenizer(tokenizer, run_dir)
             print(rt.describe(), flush=True)
+            if warning := warmup_warning(cfg.optim, cfg.train.steps):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
         log = cleanup.enter_context(contextlib.closing(MetricsLog(run_dir, start, cfg.train.steps,
                                                                   cfg.log.tensorboard)))

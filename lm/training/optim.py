@@ -15,11 +15,25 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     on a zero learning rate.
     """
     decay = cfg.decay_steps or total_steps
-    warmup = min(cfg.warmup_steps, decay)
+    warmup = warmup_steps(cfg, total_steps)
     base = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
         decay_steps=max(decay, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
     return lambda step: base(step + 1)
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """The schedule's warmup: optim.warmup_steps, at most the decay's length (optim.decay_steps or train.steps)."""
+    return min(cfg.warmup_steps, cfg.decay_steps or total_steps)
+
+
+def warmup_warning(cfg: OptimConfig, total_steps: int) -> str | None:
+    """A sentence when the warmup does not end before the last step (the run never trains past it)."""
+    if warmup_steps(cfg, total_steps) < total_steps:
+        return None
+    return (f"optim.warmup_steps={cfg.warmup_steps} does not end before the last step (train.steps={total_steps}): "
+            f"the learning rate warms up for the whole run (optim.lr={cfg.lr:g} is reached at the last step at "
+            f"best); set optim.warmup_steps below {total_steps}.")
 
 
 def decay_mask(params, decay_embeddings: bool = False):
