@@ -70,6 +70,7 @@ class Stage:
     steps: tuple[int, int] = (10, 2)  # lm bench --steps, --warmup (torch: the same)
     xla_flags: str | None = None  # None: the caller's XLA_FLAGS (lm adds its defaults)
     versus_torch: bool = False  # the reference's model and batch: show lm / torch
+    dump_hlo: bool = False  # keep XLA's optimized program, memory report and autotuning choices in $OUT/hlo-NAME
 
 
 def ab(name: str, title: str, *overrides: str, xla_flags: str | None = None, est_s: float = 17,
@@ -89,6 +90,8 @@ STAGES = [
     Stage("lm_llama_1b_shipped", "configs/llama_1b.yaml as shipped (256 x 2048 in 4, remat=block)", "lm", [LLAMA],
           45, 120, steps=(2, 1)),
     ab("ab_whole_loss", "A/B: whole cross-entropy (train.loss_chunk_tokens=0)", "train.loss_chunk_tokens=0"),
+    Stage("hlo_gpt2_b32", "the batch-32 GPT-2 step's compiled program, kept (benchmarks/hlo_traffic.py reads it)",
+          "lm", [GPT2, *B32], 17, 60, steps=(1, 0), dump_hlo=True),
     ab("ab_unrolled", "A/B: layers unrolled (model.scan_layers=false)", "model.scan_layers=false", est_s=45,
        timeout_s=90),
     Stage("ab_llama_save_qkv_attn", "A/B: llama_1b with model.remat=save_qkv_attn", "lm",
@@ -141,6 +144,15 @@ def run(command: list[str], timeout: float, xla_flags: str | None, log: pathlib.
     if log:
         log.write_text(stdout + stderr)
     return {"rc": rc, "wall_s": round(time.perf_counter() - start, 1), "stdout": stdout, "stderr": stderr}
+
+
+def keep(dump: pathlib.Path, to: pathlib.Path) -> None:
+    """The optimized program, its memory report and the autotuner's picks from an XLA dump (not its LLVM IR or PTX)."""
+    to.mkdir(parents=True, exist_ok=True)
+    for pattern in ("*after_optimizations.txt", "*memory-usage-report.txt", "*autotune_results.pbtxt"):
+        for path in dump.glob(pattern):
+            shutil.copy(path, to / path.name)
+    shutil.rmtree(dump, ignore_errors=True)
 
 
 def _text(output) -> str:
@@ -233,7 +245,14 @@ def main(selected: list[str]) -> None:
                 done, result = run_recipe(stage, timeout)
             else:
                 command = lm_command(stage) if stage.kind == "lm" else torch_command(stage)
-                done = run(command, timeout, stage.xla_flags)
+                dump = pathlib.Path(tempfile.mkdtemp(prefix="lm-gpu-hlo-")) if stage.dump_hlo else None
+                xla_flags = stage.xla_flags
+                if dump:
+                    xla_flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text "
+                                 "--xla_dump_hlo_module_re=jit_train_step")
+                done = run(command, timeout, xla_flags)
+                if dump:
+                    keep(dump, OUT / f"hlo-{stage.name}")
                 result = last_json(done["stdout"]) if done["rc"] == 0 else None
                 record["command"] = " ".join(command[1:])
             record.update(rc=done["rc"], wall_s=done["wall_s"], result=result,

@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
 gpu_bench = sys.modules["gpu_bench"] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
 spec.loader.exec_module(gpu_bench)
-DRY_STAGES = ["lm_gpt2_b32", "torch_gpt2_b32", "shakespeare_char"]  # one of each kind
+DRY_STAGES = ["lm_gpt2_b32", "torch_gpt2_b32", "hlo_gpt2_b32", "shakespeare_char"]  # one of each kind
 
 
 def test_every_stage_has_a_valid_config_and_xla_flags_this_jax_parses():
@@ -52,6 +52,7 @@ def test_dry_run_writes_json_lines_and_the_table(tmp_path):
     recipe = by_stage["shakespeare_char"]["result"]
     assert recipe["steps_done"] == 2 and recipe["eval"]["step"] == 2 and recipe["val_loss"]
     assert (tmp_path / "out" / "shakespeare_char-metrics.jsonl").exists()
+    assert list((tmp_path / "out" / "hlo-hlo_gpt2_b32").glob("*jit_train_step*after_optimizations.txt"))
     table = result.stdout[result.stdout.index("stage  "):].splitlines()
     assert table[0].split()[:6] == ["stage", "tokens/s", "step", "ms", "MFU", "peak"]
     rows = {row.split()[0]: row for row in table[1:]}
