@@ -108,6 +108,8 @@ STAGES = [
        "train.loss_chunk_tokens=0", xla_flags="--xla_gpu_enable_triton_gemm=false", est_s=45, timeout_s=90),
     ab("ab_double_buffering", "A/B: --xla_gpu_enable_while_loop_double_buffering=true",
        xla_flags="--xla_gpu_enable_while_loop_double_buffering=true"),
+    Stage("ab_gpt2_shipped_unrolled", "A/B: configs/gpt2_124m.yaml as shipped, model.scan_layers=false", "lm",
+          [GPT2, "model.scan_layers=false"], 60, 120, steps=(3, 1)),
     Stage("ab_llama_micro16_no_remat", "A/B: llama_1b, 16 micro-batches of 16, model.remat=none", "lm",
           [LLAMA, "train.grad_accum_steps=16", "model.remat=none"], 50, 90, steps=(2, 1)),
     Stage("shakespeare_char", "configs/shakespeare_char.yaml end to end (train.py, eval.py --json)", "recipe",
@@ -174,7 +176,7 @@ def run_recipe(stage: Stage, timeout: float) -> tuple[dict, dict]:
                  "log.tensorboard=false"], timeout - RECIPE_EVAL_S, stage.xla_flags, OUT / f"{stage.name}-train.log")
     evaluate = run([sys.executable, "eval.py", "--run_dir", str(run_dir), "--json"], RECIPE_EVAL_S * 3,
                    stage.xla_flags)
-    from lm.config import load_config  # imported here: `import lm` adds lm's XLA flags to this process's
+    from lm.config import load_config  # not at the top: `import lm` adds lm's XLA flags to os.environ
 
     cfg = load_config(config, overrides)
     metrics_path = run_dir / "metrics.jsonl"
@@ -194,7 +196,8 @@ def run_recipe(stage: Stage, timeout: float) -> tuple[dict, dict]:
         "eval": last_json(evaluate["stdout"]) if evaluate["rc"] == 0 else None,
     }
     ok = train["rc"] in (0, 124) and evaluate["rc"] == 0
-    return {"rc": 0 if ok else (train["rc"] or evaluate["rc"]), "wall_s": round(train["wall_s"] + evaluate["wall_s"], 1),
+    wall_s = round(train["wall_s"] + evaluate["wall_s"], 1)
+    return {"rc": 0 if ok else (train["rc"] or evaluate["rc"]), "wall_s": wall_s,
             "stderr": train["stderr"] + evaluate["stderr"]}, result
 
 
@@ -231,30 +234,16 @@ def main(selected: list[str]) -> None:
     start = time.perf_counter()
     for stage in STAGES:
         record = {"stage": stage.name, "title": stage.title, "kind": stage.kind, "xla_flags": stage.xla_flags}
-        later_recipe = [s for s in STAGES if s.kind == "recipe" and s is not stage and (not selected or s.name in selected)
-                        and STAGES.index(s) > STAGES.index(stage)]
+        later_recipe = [s for s in STAGES[STAGES.index(stage) + 1:]
+                        if s.kind == "recipe" and (not selected or s.name in selected)]
         left = BUDGET_S - (time.perf_counter() - start) - sum(s.est_s for s in later_recipe)
         if selected and stage.name not in selected:
             record["status"] = "not selected"
         elif stage.est_s > left and not DRY:
             record["status"] = f"skipped: {stage.est_s:.0f} s estimated, {max(left, 0):.0f} s of the budget left"
         else:
-            timeout = stage.timeout_s if DRY else min(stage.timeout_s, left)
             print(f"== {stage.name}: {stage.title}", flush=True)
-            if stage.kind == "recipe":
-                done, result = run_recipe(stage, timeout)
-            else:
-                command = lm_command(stage) if stage.kind == "lm" else torch_command(stage)
-                dump = pathlib.Path(tempfile.mkdtemp(prefix="lm-gpu-hlo-")) if stage.dump_hlo else None
-                xla_flags = stage.xla_flags
-                if dump:
-                    xla_flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text "
-                                 "--xla_dump_hlo_module_re=jit_train_step")
-                done = run(command, timeout, xla_flags)
-                if dump:
-                    keep(dump, OUT / f"hlo-{stage.name}")
-                result = last_json(done["stdout"]) if done["rc"] == 0 else None
-                record["command"] = " ".join(command[1:])
+            done, result = run_stage(stage, stage.timeout_s if DRY else min(stage.timeout_s, left), record)
             record.update(rc=done["rc"], wall_s=done["wall_s"], result=result,
                           status="ok" if done["rc"] == 0 and result else ("timeout" if done["rc"] == 124 else "failed"))
             if record["status"] != "ok":
@@ -265,6 +254,22 @@ def main(selected: list[str]) -> None:
         if record["status"] != "not selected":
             append(record)
     print(table(records[1:]), flush=True)
+
+
+def run_stage(stage: Stage, timeout: float, record: dict) -> tuple[dict, dict | None]:
+    """(the process's rc, wall_s and stderr; its result) for one stage, its command noted in `record`."""
+    if stage.kind == "recipe":
+        return run_recipe(stage, timeout)
+    command = lm_command(stage) if stage.kind == "lm" else torch_command(stage)
+    record["command"] = " ".join(command[1:])
+    if not stage.dump_hlo:
+        done = run(command, timeout, stage.xla_flags)
+    else:
+        dump = pathlib.Path(tempfile.mkdtemp(prefix="lm-gpu-hlo-"))
+        done = run(command, timeout, f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text "
+                                     "--xla_dump_hlo_module_re=jit_train_step")
+        keep(dump, OUT / f"hlo-{stage.name}")
+    return done, last_json(done["stdout"]) if done["rc"] == 0 else None
 
 
 def append(record: dict) -> None:

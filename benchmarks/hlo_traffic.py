@@ -99,7 +99,8 @@ def main() -> None:
     kinds = collections.Counter()
     for moved, kind, *_ in rows:
         kinds[kind] += moved
-    print(f"{sum(kinds.values()) / 1e9:.1f} GB in all: " + ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in kinds.most_common()))
+    by_kind = ", ".join(f"{kind} {moved / 1e9:.1f} GB" for kind, moved in kinds.most_common())
+    print(f"{sum(kinds.values()) / 1e9:.1f} GB in all: {by_kind}")
     for moved, kind, comp, name, shape, times in sorted(rows, reverse=True)[:args.top]:
         print(f"{moved / 1e9:8.2f} GB  x{times:<4} {kind:9} {comp[:24]:24} {name[:40]:40} {shape[:70]}")
 

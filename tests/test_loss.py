@@ -59,7 +59,7 @@ def test_tiled_loss_and_gradients_match_whole(tied):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loss_and_gradients_are_optaxs_to_the_bit(dtype):
-    """token_losses picks the target's logit with a select (its gradient fuses on a GPU); same bits as optax's gather."""
+    """token_losses picks the target's logit with a select (its gradient fuses on a GPU): optax's bits."""
     cfg = ModelConfig(vocab_size=96, n_layers=1, d_model=32, n_heads=2, max_seq_len=32, init_std=0.2, dtype=dtype)
     model = Transformer(cfg)
     params = init_params(model, jax.random.key(0), 8)
