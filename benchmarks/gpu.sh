@@ -1,38 +1,14 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's Results table, in one run: cuDNN's attention against XLA's at the
-# configs' shapes (benchmarks/attention_check.py: bf16 error and speed), then lm.bench on each
-# config given (default: gpt2_124m and llama_1b, bf16 with cuDNN attention as configured), plus
-# the first with XLA's attention for comparison. Needs only jax, flax, optax and orbax (no TFDS,
-# grain or corpus: without data.text_file the benchmark times random tokens, said so in its output).
-#   bash benchmarks/gpu.sh [CONFIG ...]
-# Prints each table and appends one JSON line per run to ${OUT:-.}/gpu_bench.jsonl.
+# lm on one GPU beside PyTorch, in one call of about 8 minutes on one H200 (benchmarks/gpu_bench.py):
+# lm bench of GPT-2 124M at batch 32 and the PyTorch reference of the same model (torch.compile,
+# bf16 autocast, fused AdamW), gpt2_124m and llama_1b as configured, A/B variants (loss tiling,
+# unrolled layers, remat, XLA flag sets) as the time budget allows, then the shakespeare_char
+# recipe end to end (train.py, eval.py --json). Needs jax (CUDA), flax, optax, orbax-checkpoint,
+# torch with triton, nothing else (no TFDS, grain or tensorboardX; random tokens for the benchmarks).
+#   bash benchmarks/gpu.sh [STAGE ...]          all stages, or only those named
+#   LM_GPU_BENCH_DRY=1 bash benchmarks/gpu.sh   the CPU dry run: tiny shapes, 1-2 steps (tests/test_gpu_bench.py)
+# One JSON line per stage to ${OUT:-.}/gpu_bench.jsonl as it ends; the table at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-results="${OUT:-.}/gpu_bench.jsonl"
-configs=("$@")
-if [ ${#configs[@]} -eq 0 ]; then
-  configs=(configs/gpt2_124m.yaml configs/llama_1b.yaml)
-fi
-python -c "import jax; print('jax', jax.__version__, jax.devices())"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
-
-run() {  # CONFIG [key=value ...]
-  local json
-  if ! json=$(python -m lm.bench --config "$@" --steps 10 --warmup 2 --max_seconds 90 --json | tail -n 1); then
-    echo "== FAILED: $*"  # keep going: the other runs still use the device time
-    return 0
-  fi
-  echo "$json" >> "$results"
-  python - "$json" "$@" <<'EOF'
-import json, sys
-from lm.tools.bench import format_table
-print("==", " ".join(sys.argv[2:]))
-print(format_table(json.loads(sys.argv[1])))
-EOF
-}
-
-python benchmarks/attention_check.py "${configs[@]}" | tee -a "$results" || echo "== FAILED: attention_check"
-for config in "${configs[@]}"; do
-  run "$config"
-done
-run "${configs[0]}" model.attention=xla
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec python benchmarks/gpu_bench.py "$@"

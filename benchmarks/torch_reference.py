@@ -17,6 +17,14 @@ and checkpoints (`--checkpoint_every`, model and optimizer tensors as safetensor
 the loss like train.py; its wall time is the whole process, imports included
 (benchmarks/vs_torch.py --whole_run times it against train.py). Options set the shape
 (--n_layers, --d_model, --batch_size, --seq_len, ...); --compile uses torch.compile.
+
+On a GPU, nanoGPT's way (benchmarks/gpu.sh runs it beside lm at GPT-2 124M's shape):
+
+    python benchmarks/torch_reference.py --device cuda --bf16 --compile --fused_adamw --bias \
+        --n_layers 12 --d_model 768 --n_heads 12 --vocab_size 50304 --seq_len 1024 --batch_size 32
+
+--bias gives the Linear and LayerNorm layers biases (GPT-2's); --bf16 runs forward and loss under
+bf16 autocast (float32 weights, as lm's model.param_dtype); --fused_adamw uses AdamW's fused CUDA kernel.
 """
 
 from __future__ import annotations
@@ -35,16 +43,16 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.drop = nn.Dropout(dropout)
-        self.attn_norm = nn.LayerNorm(d_model, bias=False)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-        self.mlp_norm = nn.LayerNorm(d_model, bias=False)
-        self.up = nn.Linear(d_model, 4 * d_model, bias=False)
-        self.down = nn.Linear(4 * d_model, d_model, bias=False)
+        self.attn_norm = nn.LayerNorm(d_model, bias=bias)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.mlp_norm = nn.LayerNorm(d_model, bias=bias)
+        self.up = nn.Linear(d_model, 4 * d_model, bias=bias)
+        self.down = nn.Linear(4 * d_model, d_model, bias=bias)
 
     def forward(self, x_BxTxD):
         B, T, D = x_BxTxD.shape
@@ -57,13 +65,13 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, n_layers: int, d_model: int, n_heads: int, max_seq_len: int,
-                 dropout: float):
+                 dropout: float, bias: bool = False):
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, d_model)
         self.pos_embed = nn.Embedding(max_seq_len, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
-        self.final_norm = nn.LayerNorm(d_model, bias=False)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, bias) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model, bias=bias)
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
@@ -94,17 +102,23 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="forward and loss under bf16 autocast")
+    parser.add_argument("--fused_adamw", action="store_true", help="AdamW's fused CUDA kernel")
+    parser.add_argument("--bias", action="store_true", help="biases in the Linear and LayerNorm layers (GPT-2)")
     parser.add_argument("--whole_run", action="store_true", help="a whole training run with validation and "
                         "checkpoints on the packaged tinyshakespeare")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(1337)
-    model = GPT(args.vocab_size, args.n_layers, args.d_model, args.n_heads, args.seq_len, args.dropout)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as nanoGPT
+    model = GPT(args.vocab_size, args.n_layers, args.d_model, args.n_heads, args.seq_len, args.dropout,
+                args.bias).to(args.device)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
+                            lr=args.lr, betas=(0.9, 0.99), eps=1e-8, fused=args.fused_adamw or None)
     total, warm = max(args.steps, 2000), 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (
         1 + math.cos(math.pi * min(max(s - warm, 0) / (total - warm), 1.0)))))
@@ -118,14 +132,17 @@ def main() -> None:
 
     def windows_of(tokens):
         starts = torch.from_numpy(rng.integers(0, len(tokens) - args.seq_len - 1, args.batch_size))
-        return tokens[starts[:, None] + torch.arange(args.seq_len + 1)]
+        return tokens[starts[:, None] + torch.arange(args.seq_len + 1)].to(args.device)
+
+    autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.bf16)
 
     def step():
         windows = windows_of(data)
         opt.zero_grad(set_to_none=True)
         for micro in windows.chunk(args.grad_accum):  # the mean gradient over the whole batch
-            logits = forward(micro[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro[:, 1:].reshape(-1))
+            with autocast:
+                logits = forward(micro[:, :-1])
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro[:, 1:].reshape(-1))
             (loss / args.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -138,14 +155,25 @@ def main() -> None:
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+        step()  # loss.item() waits for the device
+        times.append(time.perf_counter() - start)
+    times, first = times[args.warmup:], times[0]
     median = float(np.median(times))
+    cuda = torch.device(args.device).type == "cuda"
     print(json.dumps({"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-                      "compile": args.compile, "grad_accum": args.grad_accum, "tokens_per_sec": args.batch_size * args.seq_len / median,
+                      "device": torch.cuda.get_device_name() if cuda else "cpu",
+                      "compile": args.compile, "bf16": args.bf16, "fused_adamw": args.fused_adamw, "bias": args.bias,
+                      "grad_accum": args.grad_accum, "tokens_per_sec": args.batch_size * args.seq_len / median,
                       "step_sec_median": median, "step_sec_p10": float(np.percentile(times, 10)),
-                      "step_sec_p90": float(np.percentile(times, 90)), "steps": args.steps}))
+                      "step_sec_p90": float(np.percentile(times, 90)), "steps": args.steps,
+                      "first_step_sec": first, "flops_per_token": flops_per_token(model, args),
+                      "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}))
+
+
+def flops_per_token(model: GPT, args) -> int:
+    """lm's count (lm.observe.flops): 6 x matmul weights (the tied head once) + 6 x layers x seq_len x d_model."""
+    matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name)
+    return 6 * (matmul + args.vocab_size * args.d_model) + 6 * args.n_layers * args.seq_len * args.d_model
 
 
 def whole_run(args, model, forward, opt, step, val_windows) -> None:

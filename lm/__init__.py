@@ -21,6 +21,8 @@ import importlib.util
 import os
 import sys
 
+from lm.parallel.gpu import set_gpu_flags
+
 __version__ = "0.1.0"
 
 
@@ -40,6 +42,7 @@ def _start_on_cpu_without_accelerators() -> None:
 
 
 _start_on_cpu_without_accelerators()
+set_gpu_flags()  # XLA reads XLA_FLAGS when JAX starts its backend: before any lm code runs
 
 _API = {
     "load_config": ("lm.config", "load_config"),

@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lm.config import ModelConfig
@@ -54,3 +55,26 @@ def test_tiled_loss_and_gradients_match_whole(tied):
     sums = [jax.jit(functools.partial(eval_step, model=model, batch_ways=2, loss_chunk_tokens=t))(params, batch)
             for t in (0, 16)]
     np.testing.assert_allclose(sums[1][0], sums[0][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loss_and_gradients_are_optaxs_to_the_bit(dtype):
+    """token_losses picks the target's logit with a select (its gradient fuses on a GPU): optax's bits."""
+    cfg = ModelConfig(vocab_size=96, n_layers=1, d_model=32, n_heads=2, max_seq_len=32, init_std=0.2, dtype=dtype)
+    model = Transformer(cfg)
+    params = init_params(model, jax.random.key(0), 8)
+    rng = np.random.RandomState(0)
+    batch = {"inputs": jnp.asarray(rng.randint(0, 96, (4, 32))), "targets": jnp.asarray(rng.randint(0, 96, (4, 32)))}
+    weights_BxT = jnp.asarray(rng.rand(4, 32), jnp.float32)
+
+    def ours(params):
+        return (token_losses(params, model, batch) * weights_BxT).sum()
+
+    def optaxs(params):
+        logits_BxTxV = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
+        return (optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"]) * weights_BxT).sum()
+
+    (loss, grads), (expected, expected_grads) = (jax.jit(jax.value_and_grad(f))(params) for f in (ours, optaxs))
+    assert loss == expected and np.isfinite(float(loss))
+    assert np.abs(np.asarray(expected_grads["token_embed"]["embedding"])).max() > 1e-3
+    jax.tree.map(np.testing.assert_array_equal, grads, expected_grads)

@@ -64,7 +64,14 @@ def loss_chunks(rows: int, seq_len: int, chunk_tokens: int) -> int:
 
 
 def _cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+    """logsumexp(logits) - the target's logit, in float32: optax's integer-label cross-entropy to
+    the bit, with the target's logit picked by a compare against an iota instead of a gather. A
+    gather's gradient is a scatter, which on a GPU took three passes over float32 [tokens, vocab]
+    (softmax times the cotangent, the scatter, the cast to bf16); a select fuses into one."""
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    vocab_BxTxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxTxV.shape, 2)
+    target_logit_BxT = jnp.where(vocab_BxTxV == targets_BxT[..., None], logits_BxTxV, 0.0).sum(axis=-1)
+    return jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_logit_BxT
 
 
 def token_losses(params, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None = None, *,
