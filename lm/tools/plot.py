@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import pathlib
 
+from lm import storage
 from lm.errors import LMError
 from lm.rundir import METRICS_FILE
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     """The records of run_dir/metrics.jsonl (the last record of a step wins, as after a resume)."""
-    path = pathlib.Path(run_dir) / METRICS_FILE
+    path = storage.path(run_dir, "run_dir") / METRICS_FILE
     if not path.is_file():
         raise LMError(f"'{path}' does not exist; pass a run_dir that train.py has logged to.")
     records = []
@@ -40,7 +41,7 @@ def plot_runs(run_dirs: list[str], output: str | pathlib.Path) -> pathlib.Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(pathlib.Path(d).name or str(d), read_metrics(d)) for d in run_dirs]
+    runs = [(storage.path(d, "run_dir").name or str(d), read_metrics(d)) for d in run_dirs]
     fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for index, (name, records) in enumerate(runs):
         color = f"C{index % 10}"
