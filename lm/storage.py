@@ -22,8 +22,6 @@ import time
 
 from lm.errors import LMError
 
-# scheme -> (the service, the package that speaks it); gs:// is the one lm is tested on
-REMOTE = {"gs": ("Cloud Storage", "gcsfs")}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)")
 ACCESS_HINT = ("on a TPU or Compute Engine VM grant its service account roles/storage.objectAdmin on the "
                "bucket; elsewhere run gcloud auth application-default login or set "
@@ -40,7 +38,7 @@ def check(location: str, what: str = "path") -> None:
     if not str(location).strip():
         raise LMError(f"{what} is empty; set it to a directory (runs/NAME) or a bucket path (gs://BUCKET/NAME).")
     url = _URL.match(str(location))
-    if url and url.group(1) not in REMOTE:
+    if url and url.group(1) != "gs":
         raise LMError(f"{what} '{location}' is on {url.group(1)}://, which lm does not store to; "
                       "use a local path or gs://BUCKET/PATH.")
     if url and not url.group(2):
@@ -56,7 +54,7 @@ def path(location, what: str = "path"):
     url = _URL.match(str(location))
     if url is None:
         return pathlib.Path(location)
-    _connect(url.group(1), url.group(2), what, str(location))
+    _connect(url.group(2), what, str(location))
     from etils import epath
 
     return epath.Path(location)
@@ -70,19 +68,18 @@ def absolute(p):
 _REACHED: set[str] = set()  # buckets listed by this process
 
 
-def _connect(scheme: str, bucket: str, what: str, location: str) -> None:
-    """Imports the scheme's package and lists the bucket's top level: a missing package, missing
-    credentials, a denied or missing bucket each end here as one LMError."""
+def _connect(bucket: str, what: str, location: str) -> None:
+    """Imports gcsfs and lists the bucket's top level: a missing package, missing credentials, a denied
+    or missing bucket each end here as one LMError."""
     if bucket in _REACHED:
         return
-    service, package = REMOTE[scheme]
     # gcsfs's zonal-bucket lookup needs the Storage Control API; without its permission every call
     # logs a warning. lm needs no zonal buckets; GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=true turns it back on.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     try:
         import gcsfs
     except ImportError:
-        raise LMError(f"{what} '{location}' is on {service}, which needs the '{package}' package; install "
+        raise LMError(f"{what} '{location}' is on Cloud Storage, which needs the 'gcsfs' package; install "
                       "the gcs extra with pip install -e '.[gcs]'.") from None
     import logging
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import re
 
-from lm.config.sections import CHOICES, Config, DataConfig, ModelConfig, flatten, is_layer_flags, to_dict
 from lm import storage
+from lm.config.sections import CHOICES, Config, DataConfig, ModelConfig, flatten, is_layer_flags, to_dict
 from lm.errors import LMError
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
+from lm import storage
 from lm.config.checks import validate
 from lm.config.sections import Config, flatten, to_dict
-from lm import storage
 from lm.errors import LMError
 
 
