@@ -3,7 +3,8 @@
 gs:// goes through etils.epath + gcsfs (small files), Orbax + tensorstore (checkpoints) and
 tensorboardX (events), each pointed at tests/gcs_emulator.py on 127.0.0.1. A run trained there,
 SIGKILLed and resumed logs exactly the losses of the same run on a local disk, evaluates to the
-same figures and exports the same weights. Bad run directories are one line and write nothing.
+same figures and exports the same weights; two processes write each small file once and each
+its own checkpoint shards. Bad run directories are one line and write nothing.
 """
 
 from __future__ import annotations
@@ -270,3 +271,24 @@ def test_a_run_in_a_bucket_resumes_after_sigkill_exactly_and_evaluates_like_a_lo
     assert all((bucket_weights[k] == local_weights[k]).all() for k in local_weights)
     plotted = lm_command(["-m", "lm", "plot", "gs://lm-test/run", "-o", str(tmp_path / "curves.png")], env)
     assert plotted.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 0, plotted.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_small_files_once_and_each_its_own_checkpoint_shards(emulator, shakespeare):
+    env = {**storage_env(emulator),
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *train_argv("gs://lm-test/two", shakespeare), "train.steps=4",
+                               "checkpoint.every=2", "eval.every=0", "log.every=2",
+                               f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
+                               f"parallel.process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    names = object_names(emulator, "two/")
+    for process in (0, 1):  # each host its own shards of each item
+        assert f"two/checkpoints/4/params/ocdbt.process_{process}/manifest.ocdbt" in names
+    assert "two/checkpoints/4/commit_success.txt" in names
+    assert sum(name.startswith("two/events.out.tfevents.") for name in names) == 1  # process 0 only
+    assert [json.loads(line)["step"] for line in read_object(emulator, "two/metrics.jsonl").splitlines()] == [1, 2, 4]
+    assert "step      4/4 | loss" in outputs[0] and "| loss" not in outputs[1]  # process 0 logs
