@@ -199,10 +199,14 @@ def test_lines_rewrite_an_object_whole_on_sync_and_append_to_a_local_file(tmp_pa
 
 
 def test_local_paths_are_pathlib_and_checked_without_io(tmp_path):
+    from lm.tools.plot import plot_runs
+
     assert storage.path(str(tmp_path / "run")) == tmp_path / "run"
     assert not storage.is_remote(tmp_path) and storage.is_remote("gs://b/x")
     with pytest.raises(LMError, match="names no bucket"):
         storage.check("gs://", "run_dir")
+    with pytest.raises(LMError, match="lm plot draws into a local file, not 'gs://b/curves.png'"):
+        plot_runs([str(tmp_path)], "gs://b/curves.png")
 
 
 # -- The contract: train to gs://, SIGKILL, resume exactly; eval, export and plot from there.

@@ -36,6 +36,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_runs(run_dirs: list[str], output: str | pathlib.Path) -> pathlib.Path:
     """Draws train (solid) and validation (dashed) loss, and tokens/s, of each run into `output`."""
+    if storage.is_remote(output):
+        raise LMError(f"lm plot draws into a local file, not '{output}'; pass a local path with -o.")
     import matplotlib
 
     matplotlib.use("Agg")
