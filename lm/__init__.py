@@ -9,7 +9,7 @@ The public API, imported on first use so `import lm` stays cheap (no JAX):
     lm.generate(cfg.run_dir, "ROMEO:", 100)      # text
     rt = lm.build(cfg, tokenizer)                # the compiled steps, for your own loop
 
-The layers, from the bottom: config, errors, rundir; model, data, parallel; observe; training;
+The layers, from the bottom: errors, storage, config, rundir; model, data, parallel; observe; training;
 tools; hf; the command line (cli). Each imports only from the layers below it.
 """
 

@@ -6,19 +6,18 @@
     run_dir/metrics.jsonl    one JSON object per logged step
     run_dir/profile/         jax.profiler traces
 
-Small files are replaced atomically: a process killed mid-write leaves the old file or the
-new one, never half of one.
+run_dir is a local directory or a bucket path (gs://BUCKET/PATH, lm.storage). Small files are
+replaced atomically: a process killed mid-write leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import yaml
 
 from lm import config as config_lib
+from lm import storage
 from lm.config import Config
 from lm.errors import LMError
 
@@ -31,28 +30,14 @@ PROFILE_DIR = "profile"
 FROZEN_KEYS = ("model", "data.tokenizer")
 
 
-def write_atomic(path: str | pathlib.Path, text: str) -> None:
-    """Writes `text` (UTF-8) to a temporary file beside `path`, syncs it, and renames it over `path`."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_config(cfg: Config, run_dir: str | pathlib.Path) -> None:
-    write_atomic(pathlib.Path(run_dir) / CONFIG_FILE, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    storage.write_atomic(storage.path(run_dir, "run_dir") / CONFIG_FILE,
+                         yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
 
 
 def read_config(run_dir: str | pathlib.Path) -> Config:
     """The config a run directory was trained (or imported) with."""
-    path = pathlib.Path(run_dir) / CONFIG_FILE
+    path = storage.path(run_dir, "run_dir") / CONFIG_FILE
     if not path.is_file():
         raise LMError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}); pass the run_dir train.py wrote.")
     return config_lib.load_config(path)
@@ -60,15 +45,10 @@ def read_config(run_dir: str | pathlib.Path) -> Config:
 
 def prepare(cfg: Config) -> pathlib.Path:
     """Creates cfg.run_dir, or checks that the run already in it can continue under `cfg`."""
-    run_dir = pathlib.Path(cfg.run_dir)
+    run_dir = storage.path(cfg.run_dir, "run_dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise LMError(f"run_dir '{run_dir}' is a file; pass a directory path with run_dir=PATH.")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LMError(f"cannot create run_dir '{run_dir}' ({e.strerror}); choose a writable run_dir.") from None
-    if not os.access(run_dir, os.W_OK):
-        raise LMError(f"run_dir '{run_dir}' is not writable; choose a writable run_dir.")
+    storage.make_dir(run_dir, "run_dir")
     if (run_dir / CONFIG_FILE).exists() and (run_dir / CHECKPOINT_DIR).exists():
         check_resumable(read_config(run_dir), cfg, run_dir)
     return run_dir

@@ -15,6 +15,7 @@ PACKAGE = ROOT / "lm"
 # Layers from the bottom; a module may import from its own unit or from a lower layer only.
 LAYERS = (
     ("lm.errors", "lm.jsonsafe"),
+    ("lm.storage",),
     ("lm.config",),
     ("lm.rundir",),
     ("lm.model", "lm.data", "lm.parallel"),
@@ -118,7 +119,7 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
     bad.write_text("def f():\n    from lm.training.loop import _private\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert lm_imports(bad) == [("lm.training.loop", ["_private"])]
-    assert unit_and_rank("lm.model.bad") == ("lm.model", 3) and unit_and_rank("lm.training.loop")[1] == 5
+    assert unit_and_rank("lm.model.bad") == ("lm.model", 4) and unit_and_rank("lm.training.loop")[1] == 6
     assert package_metadata("lm", ["__version__"]) and not package_metadata("lm", ["train", "__version__"])
 
 
@@ -126,6 +127,8 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
     "import lm, sys; assert 'jax' not in sys.modules and 'lm.config' not in sys.modules",
     "import lm.hf, sys; assert 'lm.training.loop' not in sys.modules",
     "import lm.tools.evaluate, sys; assert 'lm.training.loop' not in sys.modules",
+    "import lm.rundir, lm.storage, sys; lm.storage.path('runs/x'); "
+    "assert not {'etils', 'fsspec', 'gcsfs', 'jax'} & set(sys.modules)",  # a local run_dir: no remote I/O imports
     "import lm, sys; assert callable(lm.train) and callable(lm.generate) and callable(lm.restore_run); "
     "import lm.training.runtime; assert callable(lm.train) and lm.build is lm.training.runtime.build",
 ])

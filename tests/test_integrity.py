@@ -10,7 +10,7 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from lm.rundir import write_atomic
+from lm.storage import write_atomic
 from lm.training.checkpoint import fingerprint
 from lm.observe.log import MetricsLog
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+from lm import storage
 from lm.config.sections import CHOICES, Config, DataConfig, ModelConfig, flatten, is_layer_flags, to_dict
 from lm.errors import LMError
 
@@ -17,6 +18,7 @@ def _require(ok: bool, message: str) -> None:
 def validate(c: Config) -> None:
     """Rejects values and combinations that cannot run, naming the key to change."""
     flat = flatten(to_dict(c))
+    storage.check(c.run_dir, "run_dir")  # empty, or a scheme lm cannot store to
     for key, options in CHOICES.items():
         _require(flat[key] in options, f"config key '{key}' is {flat[key]!r}; choose one of {', '.join(options)}.")
     for key in ("model.n_layers", "model.d_model", "model.n_heads", "model.max_seq_len",

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from lm import storage
 from lm.config.checks import validate
 from lm.config.sections import Config, flatten, to_dict
 from lm.errors import LMError
@@ -147,7 +148,7 @@ def from_flat(flat: dict[str, Any]) -> Config:
 
 def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     """Reads a YAML mapping safely; a missing or malformed file is an LMError."""
-    path = pathlib.Path(path)
+    path = storage.path(path, "config file")
     if not path.is_file():
         raise LMError(f"config file '{path}' does not exist; pass an existing YAML file such as configs/tiny.yaml.")
     try:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lm import config as config_lib
-from lm import rundir
+from lm import rundir, storage
 from lm.config import ModelConfig
 from lm.data.tokenizers import ByteTokenizer, hf as hf_tokenizer, save_tokenizer
 from lm.errors import LMError
@@ -25,6 +24,14 @@ from lm.model.transformer import Transformer
 from lm.training.checkpoint import Checkpoints
 from lm.training.runtime import build, platform_kernels
 from lm.training.step import TrainState
+
+
+def _local_dir(hf_dir: str | pathlib.Path, command: str) -> pathlib.Path:
+    """A Hugging Face directory, which safetensors reads and writes on a local disk only."""
+    if storage.is_remote(hf_dir):
+        raise LMError(f"{command} reads and writes Hugging Face directories on a local disk, not '{hf_dir}'; "
+                      "copy it with gcloud storage cp -r.")
+    return pathlib.Path(hf_dir)
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -115,7 +122,7 @@ def load(hf_dir: str | pathlib.Path, **model_overrides) -> tuple[Transformer, di
 def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, overrides: list[str] = (),
                tokenizer: str | None = None) -> pathlib.Path:
     """Writes a run directory (config.yaml, tokenizer, checkpoint at step 0) that train.py and eval.py use."""
-    hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir)
+    hf_dir, run_dir = _local_dir(hf_dir, "lm hf import"), storage.path(run_dir, "run_dir")
     model_cfg = read_config(hf_dir)
     hf = _read_json(hf_dir / "config.json")
     if (run_dir / rundir.CHECKPOINT_DIR).exists():
@@ -165,7 +172,7 @@ def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: in
 
     from lm.training.restore import restore_run
 
-    run_dir, hf_dir = pathlib.Path(run_dir), pathlib.Path(hf_dir)
+    hf_dir = _local_dir(hf_dir, "lm hf export")
     if (hf_dir / "config.json").exists() or (hf_dir / "model.safetensors").exists():
         raise LMError(f"'{hf_dir}' already holds a model; export into a new or empty directory.")
     run = restore_run(run_dir, step, batch_size=1)
@@ -183,5 +190,5 @@ def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: in
     save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     if isinstance(run.tokenizer, hf_tokenizer.HFTokenizer):
-        shutil.copyfile(run.tokenizer.path, hf_dir / f"tokenizer{run.tokenizer.path.suffix}")
+        (hf_dir / f"tokenizer{run.tokenizer.path.suffix}").write_bytes(run.tokenizer.path.read_bytes())
     return hf_dir

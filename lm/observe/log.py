@@ -3,6 +3,11 @@
 TensorBoard events are written with tensorboardX (no TensorFlow); a mixture's per-source
 values (`val_loss_by_source`, `tokens_by_source` in metrics.jsonl) become the scalars
 `val_loss/NAME` and `tokens/NAME`.
+
+In a gs:// run_dir, metrics.jsonl is uploaded whole (objects cannot be appended to) with each
+checkpoint and at most every 30 s between them, so a killed run loses only records past its last
+checkpoint, which a resume drops anyway; tensorboardX writes events there itself (through
+google-cloud-storage), re-uploading the event file at each flush.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import time
 import jax
 
 from lm import jsonsafe
-from lm.rundir import METRICS_FILE, write_atomic
+from lm.rundir import METRICS_FILE
+from lm.storage import Lines, write_atomic
 
 SCALARS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu")
 BY_SOURCE = {"val_loss_by_source": "val_loss", "tokens_by_source": "tokens"}  # {name: value} -> tag/name
@@ -63,6 +69,10 @@ class TensorBoard:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
             self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)  # markdown code block
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer:
@@ -129,6 +139,7 @@ class MetricsLog:
         if self.enabled and self.path.exists():  # drop records a killed run logged past its checkpoint
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self.lines = Lines(self.path) if self.enabled else None
         self.tensorboard = TensorBoard(run_dir, resume_step, tensorboard and self.enabled)
         self.progress = Progress(resume_step, total_steps)
         self.summary = ""
@@ -136,8 +147,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(jsonsafe.dumps(record) + "\n")
+        self.lines.write(jsonsafe.dumps(record) + "\n")
         self.tensorboard.scalars(record)
         parts = [f"step {record['step']:>6}/{self.total_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("lr", "lr {:.2e}"),
@@ -155,7 +165,15 @@ class MetricsLog:
         if self.enabled:
             self.progress.update(done, self.summary)
 
+    def sync(self) -> None:
+        """Saves what is logged so far (called with each checkpoint): uploads metrics.jsonl when it is in
+        a bucket, flushes TensorBoard's events."""
+        if self.enabled:
+            self.lines.sync()
+            self.tensorboard.flush()
+
     def close(self) -> None:
+        self.sync()
         self.progress.close()
         self.tensorboard.close()
 

@@ -1,7 +1,8 @@
 """jax.profiler traces of chosen steps, under run_dir/profile.
 
 Open them in TensorBoard's profile plugin or in Perfetto (ui.perfetto.dev, the
-`*.trace.json.gz` file).
+`*.trace.json.gz` file). jax.profiler writes its Perfetto trace with local file calls, so a
+gs:// run_dir's trace goes to a temporary directory, uploaded when the trace stops.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pathlib
 
 import jax
 
+from lm import storage
 from lm.rundir import PROFILE_DIR
 
 
@@ -23,16 +25,17 @@ class Profiler:
 
     def before_step(self, step: int) -> None:
         if step == self.start and self.stop > self.start and not self.active:
-            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.scratch = storage.scratch_dir(self.directory)
+            jax.profiler.start_trace(str(self.scratch), create_perfetto_trace=True)
             self.active = True
 
     def after_step(self, done: int, state) -> None:
         if self.active and done >= self.stop:
             jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-            self.active = False
+            self.close()
 
     def close(self) -> None:
         if self.active:
             jax.profiler.stop_trace()
+            storage.upload_dir(self.scratch, self.directory)
             self.active = False

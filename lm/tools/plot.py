@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import pathlib
 
+from lm import storage
 from lm.errors import LMError
 from lm.rundir import METRICS_FILE
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     """The records of run_dir/metrics.jsonl (the last record of a step wins, as after a resume)."""
-    path = pathlib.Path(run_dir) / METRICS_FILE
+    path = storage.path(run_dir, "run_dir") / METRICS_FILE
     if not path.is_file():
         raise LMError(f"'{path}' does not exist; pass a run_dir that train.py has logged to.")
     records = []
@@ -47,6 +48,8 @@ def run_labels(run_dirs: list[str]) -> list[str]:
 
 def plot_runs(run_dirs: list[str], output: str | pathlib.Path) -> pathlib.Path:
     """Draws train (solid) and validation (dashed) loss, and tokens/s, of each run into `output`."""
+    if storage.is_remote(output):
+        raise LMError(f"lm plot draws into a local file, not '{output}'; pass a local path with -o.")
     import matplotlib
 
     matplotlib.use("Agg")

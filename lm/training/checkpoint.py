@@ -1,8 +1,8 @@
 """Orbax checkpoints of a run: `params`, `opt_state` and a JSON `meta` item per step.
 
-Writes are atomic (Orbax commits a finished step directory by renaming it), so an
-interrupted save never leaves a step that restore would read; its temporary directory
-is removed when the run restarts. Meta records fingerprints of params and opt_state,
+Writes are atomic (Orbax commits a finished step directory by renaming it, or in a gs://
+bucket, where nothing renames, by writing its commit_success.txt last), so an interrupted
+save never leaves a step that restore would read; its leftovers are removed when the run restarts. Meta records fingerprints of params and opt_state,
 checked on restore, and any failure to read a step is one LMError. Restores place
 arrays on the current mesh, whatever mesh wrote them. Parameters restore alone for evaluation.
 
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm import storage
 from lm.errors import LMError
 from lm.training.step import TrainState
 
@@ -60,7 +61,7 @@ class Checkpoints:
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.absolute(storage.path(directory, "run_dir"))  # local, or a bucket (tensorstore)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)

@@ -11,7 +11,6 @@ anything diverged is checkpointed, or is skipped (lm.training.guards).
 from __future__ import annotations
 
 import contextlib
-import pathlib
 import sys
 import time
 
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 
 from lm import config as config_lib
-from lm import rundir
+from lm import rundir, storage
 from lm.config import Config
 from lm.data import make_data, run_tokenizer
 from lm.data.tokenizers import save_tokenizer
@@ -37,6 +36,7 @@ from lm.training.runtime import Runtime, build
 
 def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
+    run_path = storage.path(cfg.run_dir, "run_dir")  # a bucket's package and access, checked first
     # -- Devices: split the CPU into one device per core, join the other hosts.
     split_cpu(cfg)
     maybe_initialize_distributed(cfg.parallel)
@@ -46,7 +46,7 @@ def train(cfg: Config) -> list[dict]:
 
         # -- Build: the run's own tokenizer when resuming (or for an imported model), the
         #    compiled steps and the data, all before anything is written.
-        tokenizer = run_tokenizer(cfg, pathlib.Path(cfg.run_dir))
+        tokenizer = run_tokenizer(cfg, run_path)
         rt = build(cfg, tokenizer)
         data = make_data(rt.cfg, tokenizer, rt.host_rows)
         run_dir = rundir.prepare(cfg)
@@ -136,8 +136,10 @@ def train(cfg: Config) -> list[dict]:
             # -- Checkpoint on schedule, and on preemption (then stop).
             preempted = preemption.reached(done)
             if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):
+                flush()  # the step's record is logged before its checkpoint
                 watch.check(done)  # never checkpoint a diverged state
                 ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()})
+                log.sync()  # metrics.jsonl in a bucket is uploaded whole (lm.storage.Lines)
             if preempted:
                 break
         flush()

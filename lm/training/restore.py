@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from lm import config as config_lib
-from lm import rundir
+from lm import rundir, storage
 from lm.data.tokenizers import Tokenizer, load_tokenizer
 from lm.errors import LMError
 from lm.parallel.cpu import split_cpu
@@ -47,7 +47,7 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: i
     The config is laid out data-parallel over all local devices, with the batch (default
     eval.batch_size or train.batch_size) rounded up so every device gets a share.
     """
-    run_dir = pathlib.Path(run_dir)
+    run_dir = storage.path(run_dir, "run_dir")
     cfg = rundir.read_config(run_dir)
     batch_size = batch_size or cfg.eval.batch_size or cfg.train.batch_size
     cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,

@@ -16,9 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
+from lm import storage
 from lm.data.tokenizers.byte import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer
 from lm.errors import LMError
-from lm.rundir import TOKENIZER_FILE, write_atomic
+from lm.rundir import TOKENIZER_FILE
 
 __all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "ByteTokenizer", "Tokenizer", "load_tokenizer", "make_tokenizer",
            "save_tokenizer"]
@@ -56,12 +57,13 @@ def make_tokenizer(kind: str) -> ByteTokenizer:
 def save_tokenizer(tokenizer: Tokenizer, run_dir: str | pathlib.Path) -> None:
     if tokenizer.kind == "sentencepiece":
         tokenizer.save(run_dir)
-    write_atomic(pathlib.Path(run_dir) / TOKENIZER_FILE, json.dumps(tokenizer.to_json(), indent=2))
+    storage.write_atomic(storage.path(run_dir, "run_dir") / TOKENIZER_FILE, json.dumps(tokenizer.to_json(), indent=2))
 
 
 def load_tokenizer(run_dir: str | pathlib.Path) -> Tokenizer:
     """Reads `run_dir/tokenizer.json` (plain JSON; nothing in it is executed)."""
-    path = pathlib.Path(run_dir) / TOKENIZER_FILE
+    run_dir = storage.path(run_dir, "run_dir")
+    path = run_dir / TOKENIZER_FILE
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
         kind = spec["kind"]
@@ -72,7 +74,7 @@ def load_tokenizer(run_dir: str | pathlib.Path) -> Tokenizer:
     if kind == "hf":
         from lm.data.tokenizers import hf
 
-        return hf.load(pathlib.Path(run_dir), spec)
+        return hf.load(run_dir, spec)
     if kind == "sentencepiece":
         from lm.data.tokenizers.sentencepiece import SentencePieceTokenizer
 

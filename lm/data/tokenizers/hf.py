@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
 
 import numpy as np
 
+from lm import storage
 from lm.errors import LMError
 
 SOURCE_FILES = ("tokenizer.json", "tokenizer.model")
@@ -31,7 +31,7 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, path: str | pathlib.Path, eos_ids: tuple[int, ...] = ()):
-        self.path = pathlib.Path(path)
+        self.path = storage.path(path)  # read as bytes: it may be in a bucket
         self.file = self.path.name
         self.eos_ids = tuple(eos_ids)  # the model's end ids (lm.hf import records them)
         try:
@@ -40,17 +40,18 @@ class HFTokenizer:
                     from tokenizers import Tokenizer
                 except ImportError:
                     raise _import_error("tokenizers") from None
-                self._tok = Tokenizer.from_file(str(self.path))
+                text = self.path.read_text(encoding="utf-8")
+                self._tok = Tokenizer.from_str(text)
                 self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
                 pieces = [self._tok.id_to_token(i) or "" for i in range(self.vocab_size)]
                 special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
-                byte_level = '"ByteLevel"' in self.path.read_text(encoding="utf-8")
+                byte_level = '"ByteLevel"' in text
             else:
                 try:
                     import sentencepiece
                 except ImportError:
                     raise _import_error("sentencepiece") from None
-                self._tok = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+                self._tok = sentencepiece.SentencePieceProcessor(model_proto=self.path.read_bytes())
                 self.vocab_size = self._tok.get_piece_size()
                 pieces = [self._tok.id_to_piece(i) for i in range(self.vocab_size)]
                 special = {p for i, p in enumerate(pieces) if self._tok.is_control(i) or self._tok.is_unknown(i)}
@@ -115,7 +116,7 @@ def find_source(hf_dir: pathlib.Path) -> pathlib.Path | None:
 def install(tokenizer: HFTokenizer, run_dir: pathlib.Path) -> HFTokenizer:
     """Copies the tokenizer's file into run_dir as hf_tokenizer.json / .model and returns the copy."""
     target = run_dir / f"hf_tokenizer{tokenizer.path.suffix}"
-    shutil.copyfile(tokenizer.path, target)
+    target.write_bytes(tokenizer.path.read_bytes())
     return HFTokenizer(target, tokenizer.eos_ids)
 
 

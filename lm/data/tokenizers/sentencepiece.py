@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from lm import storage
 from lm.errors import LMError
 
 MODEL_FILE = "tokenizer.model"
@@ -83,11 +84,11 @@ class SentencePieceTokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "model_file": MODEL_FILE}
 
     def save(self, run_dir: str | pathlib.Path) -> None:
-        (pathlib.Path(run_dir) / MODEL_FILE).write_bytes(self.model_proto)
+        (storage.path(run_dir, "run_dir") / MODEL_FILE).write_bytes(self.model_proto)
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> "SentencePieceTokenizer":
-        path = pathlib.Path(path).expanduser()
+        path = storage.path(path).expanduser()
         if not path.is_file():
             raise LMError(f"SentencePiece model '{path}' does not exist; pass an existing .model file "
                           "or leave data.tokenizer_model empty to train one.")
