@@ -31,14 +31,28 @@ PROFILE_DIR = "profile"
 FROZEN_KEYS = ("model", "data.tokenizer")
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file here: 0o666 less the process's umask (read from /proc on Linux,
+    where changing the umask to read it would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: str | pathlib.Path, text: str) -> None:
-    """Writes `text` (UTF-8) to a temporary file beside `path`, syncs it, and renames it over `path`."""
+    """Writes `text` (UTF-8) to a temporary file beside `path`, syncs it, and renames it over `path`
+    (with the mode of any new file, not mkstemp's 0600)."""
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), new_file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -90,3 +104,17 @@ def check_resumable(old: Config, new: Config, run_dir: pathlib.Path) -> None:
 
 def _names(cfg: Config) -> str:
     return ", ".join(cfg.data.source_names) or f"none (data.source={cfg.data.source})"
+
+
+def check_own_config(config_file: str | pathlib.Path, cfg: Config) -> None:
+    """Refuses a run's own config.yaml (one beside a tokenizer.json or checkpoints/) whose run_dir is another
+    directory: a copied run keeps its original's run_dir, and training would continue the original."""
+    path = pathlib.Path(config_file)
+    home = path.parent
+    if path.name != CONFIG_FILE or not ((home / TOKENIZER_FILE).is_file() or (home / CHECKPOINT_DIR).is_dir()):
+        return
+    if home.resolve() == pathlib.Path(cfg.run_dir).expanduser().resolve():
+        return
+    raise LMError(f"'{path}' is the config of the run in '{home}' but names run_dir '{cfg.run_dir}' (a copied run "
+                  f"keeps its original's), so training would continue that run instead; pass run_dir={home} to "
+                  f"train the run in '{home}', or run_dir={cfg.run_dir} to continue the other one.")

@@ -58,12 +58,13 @@ def auto_count(cfg: Config, cores: int) -> int | None:
     return max(n for n in range(1, cores + 1) if all(r % n == 0 for r in rows))
 
 
-def split_cpu(cfg: Config) -> None:
+def split_cpu(cfg: Config, any_running: bool = False) -> None:
     """Sets JAX's CPU device count from parallel.cpu_devices, before JAX starts.
 
     Auto leaves alone a count chosen elsewhere (XLA_FLAGS' --xla_force_host_platform_device_count,
     JAX_NUM_CPU_DEVICES, jax.config) and the devices of a JAX already running in this process;
-    those an earlier auto split made must divide this run's batches.
+    those an earlier auto split made must divide this run's batches, unless `any_running`
+    (an inference restore, which rounds its batch up to the devices there are).
     """
     count = cfg.parallel.cpu_devices
     if count == 0:
@@ -80,7 +81,7 @@ def split_cpu(cfg: Config) -> None:
         if cfg.parallel.cpu_devices and running != count:
             raise LMError(f"parallel.cpu_devices={count} comes too late: JAX already runs here with {running} CPU "
                           "device(s); set it in a fresh process (or leave it at 0).") from None
-        if _split_by_lm and auto_count(cfg, running) != running:
+        if _split_by_lm and not any_running and auto_count(cfg, running) != running:
             raise LMError(f"this process already split the CPU into {running} devices for an earlier run, and they do "
                           f"not divide this run's batches (parallel.cpu_devices=0 would pick {count}); run it in a "
                           "fresh process.") from None
