@@ -68,8 +68,7 @@ def split_cpu(cfg: Config, any_running: bool = False) -> None:
     """
     count = cfg.parallel.cpu_devices
     if count == 0:
-        chosen_elsewhere = jax.config.jax_num_cpu_devices not in [-1, *_split_by_lm]
-        if XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or chosen_elsewhere:
+        if _chosen_elsewhere():
             return
         count = auto_count(cfg, usable_cores())
         if count is None:
@@ -88,6 +87,25 @@ def split_cpu(cfg: Config, any_running: bool = False) -> None:
         return
     if cfg.parallel.cpu_devices == 0:
         _split_by_lm[:] = [count]
+
+
+def _chosen_elsewhere() -> bool:
+    """Whether the CPU device count was set other than by lm's auto split (XLA_FLAGS, JAX_NUM_CPU_DEVICES,
+    jax.config)."""
+    return XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or \
+        jax.config.jax_num_cpu_devices not in [-1, *_split_by_lm]
+
+
+def split_per_core() -> int | None:
+    """Splits the CPU into one device per usable core, the most parallel.cpu_devices=0 gives a run (what
+    `lm info` shows); None where a count was chosen elsewhere or JAX already runs here."""
+    if _chosen_elsewhere():
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", usable_cores())
+    except RuntimeError:  # JAX already started in this process
+        return None
+    return usable_cores()
 
 
 def pass_count(rows: int, seq_len: int, max_tokens: int) -> int:
