@@ -284,7 +284,8 @@ def _generate_bench(args, run, prompts: list[str]) -> None:
 
     from lm.tools.generate import benchmark, encode_prompt
 
-    ids = [encode_prompt(run.tokenizer, run.cfg.model.vocab_size, p) for p in prompts][:args.batch_size]
+    ids = [encode_prompt(run.tokenizer, run.cfg.model.vocab_size, p, run.cfg.data.packed)
+           for p in prompts][:args.batch_size]
     ids = ids if len(ids) > 1 else ids * args.batch_size  # one prompt: a batch of copies
     rows = benchmark(run.params, run.cfg.model, ids, args.max_new_tokens)
     device = jax.devices()[0]
@@ -364,6 +365,13 @@ def _data_prepare(args) -> None:
     from lm.data.mixture import naming, source_configs
 
     cfg = _config(args)
+    if cfg.data.source == "text_file":  # read as it is (a URL is fetched into data.cache_dir now)
+        from lm.data.text import read_text, text_path
+
+        chars, path = len(read_text(cfg.data)), text_path(cfg.data.text_file, cfg.data.sha256, cfg.data.cache_dir)
+        print(f"nothing to build: data.source=text_file reads {path} ({chars:,} characters) as it is; "
+              "data.source=tfds would make it documents.")
+        return
     sources = source_configs(cfg.data) if cfg.data.source == "mixture" else {"": cfg.data}
     for name, data in sources.items():
         label = f"{name}: " if name else ""

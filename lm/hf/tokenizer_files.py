@@ -21,11 +21,9 @@ BYTE_SPECIALS = {PAD_ID: "<|pad|>", BOS_ID: "<|bos|>", EOS_ID: "<|eos|>"}
 
 
 def special_ids(tokenizer: Tokenizer) -> dict:
-    """config.json's bos_token_id and pad_token_id: lm's fixed ids for its own tokenizers; an imported
-    tokenizer's are not recorded (None)."""
-    if tokenizer.kind in ("byte", "sentencepiece"):
-        return {"bos_token_id": BOS_ID, "pad_token_id": PAD_ID}
-    return {}
+    """config.json's bos_token_id (the tokenizer's; None if it has none) and pad_token_id (lm's own
+    tokenizers: 0; an imported one's is not recorded: None)."""
+    return {"bos_token_id": tokenizer.bos_id, "pad_token_id": PAD_ID if tokenizer.kind != "hf" else None}
 
 
 def write_tokenizer(tokenizer: Tokenizer, hf_dir: pathlib.Path) -> None:
