@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -186,6 +187,9 @@ def _config(args):
 
 
 def _train(args) -> None:
+    # Until the trainer catches it (lm.training.guards), Ctrl-C ends the process as the signal does, with
+    # nothing written: a KeyboardInterrupt raised among JAX's imports can land in a callback that ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     cfg = _config(args)
     if args.config and not any(o.partition("=")[0].strip() == "run_dir" for o in args.overrides):
         from lm.rundir import check_own_config

@@ -7,10 +7,12 @@ catches SIGTERM on any host and agrees on the step at which every host stops).
 A watchdog ends the process, with a message, if it has not finished within
 train.preemption_grace_s of the notice; the newest complete checkpoint stays valid.
 
-Ctrl-C (single process, once the loop runs): the same flag, so the step, a validation or a
-checkpoint write under way finishes, the step reached is checkpointed, and the trainer raises
-lm.errors.Interrupted (the CLI: one line, exit 130). A second Ctrl-C ends the process at once
-(exit 130); the newest complete checkpoint stays valid.
+Ctrl-C (single process): the same flag, so the step, a validation or a checkpoint write under
+way finishes, the step reached is checkpointed, and the trainer raises lm.errors.Interrupted
+(the CLI: one line, exit 130); before training starts, it stops once the run is built, having
+written nothing. A second Ctrl-C ends the process at once (exit 130); the newest complete
+checkpoint stays valid. (A KeyboardInterrupt would land anywhere, even in a callback that
+swallows it.)
 
 Divergence, without extra host syncs: each step's NaN/Inf flag is read later, at points
 where the loop already waits for the device (logging, validation, checkpoints).
@@ -38,19 +40,14 @@ class Preemption:
         self._finished = threading.Event()
         self._previous = {}
         self._multihost = jax.process_count() > 1
-        self._single = not self._multihost and threading.current_thread() is threading.main_thread()
-        if self._single:
+        if not self._multihost and threading.current_thread() is threading.main_thread():
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         threading.Thread(target=self._watchdog, daemon=True, name="preemption-watchdog").start()
 
     def _terminate(self, signum, frame) -> None:
         self._terminated.set()
         self._noticed.set()
-
-    def catch_interrupts(self) -> None:
-        """From now on Ctrl-C asks the loop to checkpoint and stop (a single process only)."""
-        if self._single and signal.SIGINT not in self._previous:
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
     def _interrupt(self, signum, frame) -> None:
         if self.interrupted:  # the second Ctrl-C
@@ -59,7 +56,7 @@ class Preemption:
             os._exit(130)
         self.interrupted = True
         self._noticed.set()
-        os.write(2, b"interrupt: finishing this step and writing a checkpoint of it "
+        os.write(2, b"interrupt: stopping at the next safe point, after this step and a checkpoint of it "
                     b"(Ctrl-C again stops at once)\n")  # os.write: safe inside a signal handler
 
     def _watchdog(self) -> None:
@@ -70,10 +67,6 @@ class Preemption:
               f"{self.grace_s:g}s; the run will resume from its newest complete checkpoint "
               "(raise train.preemption_grace_s if the scheduler allows more time).", file=sys.stderr, flush=True)
         os._exit(3)
-
-    def noticed(self) -> bool:
-        """Whether a stop was asked for (this host's signal; `reached` agrees on the step)."""
-        return self._noticed.is_set()
 
     def reached(self, step: int) -> bool:
         """True at the step where training should checkpoint and stop (the same step on every host)."""

@@ -57,6 +57,8 @@ def train(cfg: Config) -> list[dict]:
         tokenizer = run_tokenizer(cfg, pathlib.Path(cfg.run_dir))
         rt = build(cfg, tokenizer)
         data = make_data(rt.cfg, tokenizer, rt.host_rows)
+        if preemption.interrupted:
+            raise Interrupted("interrupted before training started; nothing was written.")
         run_dir = rundir.prepare(cfg)
         ckpts = cleanup.enter_context(contextlib.closing(Checkpoints(
             run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)))
@@ -114,7 +116,6 @@ def train(cfg: Config) -> list[dict]:
 
         # -- The loop. The host stays at most one step ahead: it reads step n-1's metrics while
         #    step n runs. (A deeper queue gains nothing, and can deadlock XLA:CPU's in-process all-reduce.)
-        preemption.catch_interrupts()
         for step in range(start, cfg.train.steps):
             profiler.before_step(step)
             state, metrics = rt.train_step(state, rt.place_batch(data.batch(step)))
