@@ -38,16 +38,16 @@ from lm.training.runtime import Runtime, build
 
 def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
+    # -- Devices: split the CPU into one device per core, join the other hosts (before JAX starts).
+    split_cpu(cfg)
+    maybe_initialize_distributed(cfg.parallel)
+
     # -- A resume the run in run_dir cannot make is refused before anything is built.
     existing = _saved_run(cfg)
     if existing and existing[1] == cfg.train.steps:
         print(f"run_dir '{cfg.run_dir}' is already at step {existing[1]} = train.steps: nothing to train; "
               f"raise train.steps to continue it.", flush=True)
         return []
-
-    # -- Devices: split the CPU into one device per core, join the other hosts.
-    split_cpu(cfg)
-    maybe_initialize_distributed(cfg.parallel)
 
     with contextlib.ExitStack() as cleanup:  # closed in reverse: profiler, log, checkpoints, preemption
         preemption = cleanup.enter_context(contextlib.closing(Preemption(cfg.train.preemption_grace_s)))
