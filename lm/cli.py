@@ -9,6 +9,8 @@
 train.py, eval.py and `python -m lm.X` are the same commands. Flags are parsed only here;
 the library functions they call take plain arguments. A mistake in the user's input (an
 LMError) ends as one line `error: ...` on stderr and exit code 2; `--debug` shows the traceback.
+Ctrl-C ends as one line and exit code 130. Commands that take a config accept its key=value
+overrides anywhere among their flags.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import signal
 import sys
 from typing import Callable
 
@@ -28,9 +32,21 @@ COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join("~", ".cache", "l
                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")  # key=value, as lm.config.parse_overrides reads it
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs `lm SUBCOMMAND ...` (argv defaults to sys.argv[1:])."""
-    args = parser().parse_args(argv)
+    args, extras = parser().parse_known_args(argv)
+    overrides = [a for a in extras if OVERRIDE.match(a)]
+    unknown = [a for a in extras if not OVERRIDE.match(a)]
+    if overrides and not hasattr(args, "overrides"):
+        args.parser.error(f"unrecognized arguments: {' '.join(overrides)} (this command takes no key=value "
+                          "config overrides: it uses the run's config.yaml)")
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:  # key=value after a flag: argparse takes only the first run of them as the positional
+        args.overrides = [*args.overrides, *overrides]
     run(lambda: args.command(args), args.debug)
 
 
@@ -39,7 +55,7 @@ def run(command: Callable[[], None], debug: bool = False) -> None:
     on stderr and exit code 2, and a closed stdout (`| head`) into a quiet exit."""
     from absl import logging as absl_logging
 
-    from lm.errors import LMError
+    from lm.errors import Interrupted, LMError
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's informational chatter
     for name, value in COMPILATION_CACHE.items():  # read when JAX is imported
@@ -55,6 +71,11 @@ def run(command: Callable[[], None], debug: bool = False) -> None:
     except BrokenPipeError:  # `lm generate ... | head`: the reader has gone; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
         sys.exit(1)
+    except KeyboardInterrupt as e:  # Ctrl-C: lm.training.loop checkpoints first (Interrupted says so)
+        if debug:
+            raise
+        print(" ".join(str(e).split()) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable, help: str, **kwargs) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help, description=help, **kwargs)
+        p.set_defaults(parser=p)
         if handler:
             p.set_defaults(command=handler)
         return p
@@ -111,13 +133,13 @@ def parser() -> argparse.ArgumentParser:
     hf = command("hf", None, "Hugging Face import and export.")
     hf_sub = hf.add_subparsers(dest="hf_command", required=True, metavar="import|export")
     p = hf_sub.add_parser("import", parents=[common], help="HF model directory -> run directory")
-    p.set_defaults(command=_hf_import)
+    p.set_defaults(command=_hf_import, parser=p)
     p.add_argument("hf_dir")
     p.add_argument("run_dir")
     p.add_argument("--tokenizer", help="tokenizer.json / .model to use when HF_DIR has none, or 'byte'")
     p.add_argument("overrides", nargs="*", help="config overrides for the run, e.g. train.seq_len=256")
     p = hf_sub.add_parser("export", parents=[common], help="run directory -> HF model directory")
-    p.set_defaults(command=_hf_export)
+    p.set_defaults(command=_hf_export, parser=p)
     p.add_argument("run_dir")
     p.add_argument("hf_dir")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
@@ -149,12 +171,12 @@ def parser() -> argparse.ArgumentParser:
     data = command("data", None, "Corpora: list the packaged ones, build a config's, time its pipeline.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="list|prepare|bench")
     p = data_sub.add_parser("list", parents=[common], help="the corpora packaged with lm (data.text_file=builtin:NAME)")
-    p.set_defaults(command=_data_list)
+    p.set_defaults(command=_data_list, parser=p)
     p = data_sub.add_parser("prepare", parents=[common], help="build the config's corpus as a TFDS dataset")
-    p.set_defaults(command=_data_prepare)
+    p.set_defaults(command=_data_prepare, parser=p)
     config_args(p)
     p = data_sub.add_parser("bench", parents=[common], help="the input pipeline's tokens/s next to the train step's")
-    p.set_defaults(command=_data_bench)
+    p.set_defaults(command=_data_bench, parser=p)
     config_args(p)
     p.add_argument("--batches", type=int, default=50, help="batches to time (default 50)")
 
@@ -170,7 +192,14 @@ def _config(args):
 
 
 def _train(args) -> None:
+    # Until the trainer catches it (lm.training.guards), Ctrl-C ends the process as the signal does, with
+    # nothing written: a KeyboardInterrupt raised among JAX's imports can land in a callback that ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     cfg = _config(args)
+    if args.config and not any(o.partition("=")[0].strip() == "run_dir" for o in args.overrides):
+        from lm.rundir import check_own_config
+
+        check_own_config(args.config, cfg)
     from lm.training.loop import train
 
     train(cfg)
@@ -264,7 +293,8 @@ def _generate_bench(args, run, prompts: list[str]) -> None:
 
     from lm.tools.generate import benchmark, encode_prompt
 
-    ids = [encode_prompt(run.tokenizer, run.cfg.model.vocab_size, p) for p in prompts][:args.batch_size]
+    ids = [encode_prompt(run.tokenizer, run.cfg.model.vocab_size, p, run.cfg.data.packed)
+           for p in prompts][:args.batch_size]
     ids = ids if len(ids) > 1 else ids * args.batch_size  # one prompt: a batch of copies
     rows = benchmark(run.params, run.cfg.model, ids, args.max_new_tokens)
     device = jax.devices()[0]
@@ -285,15 +315,19 @@ def _generate_bench(args, run, prompts: list[str]) -> None:
 def _hf_import(args) -> None:
     from lm.hf import import_run
 
+    from lm.rundir import read_config
+
     out = import_run(args.hf_dir, args.run_dir, args.overrides, args.tokenizer)
-    print(f"imported {args.hf_dir} into {out}; evaluate with python eval.py --run_dir {out}")
+    data = read_config(out).data
+    text = "" if data.text_file or data.packed else " --text_file FILE"  # the run names no text of its own
+    print(f"imported {args.hf_dir} into {out}; evaluate with python eval.py --run_dir {out}{text}")
 
 
 def _hf_export(args) -> None:
     from lm.hf import export_run
 
     out = export_run(args.run_dir, args.hf_dir, args.step)
-    print(f"exported {args.run_dir} to {out} (config.json, model.safetensors)")
+    print(f"exported {args.run_dir} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
 def _bench(args) -> None:
@@ -340,6 +374,13 @@ def _data_prepare(args) -> None:
     from lm.data.mixture import naming, source_configs
 
     cfg = _config(args)
+    if cfg.data.source == "text_file":  # read as it is (a URL is fetched into data.cache_dir now)
+        from lm.data.text import read_text, text_path
+
+        chars, path = len(read_text(cfg.data)), text_path(cfg.data.text_file, cfg.data.sha256, cfg.data.cache_dir)
+        print(f"nothing to build: data.source=text_file reads {path} ({chars:,} characters) as it is; "
+              "data.source=tfds would make it documents.")
+        return
     sources = source_configs(cfg.data) if cfg.data.source == "mixture" else {"": cfg.data}
     for name, data in sources.items():
         label = f"{name}: " if name else ""

@@ -6,3 +6,10 @@ class LMError(Exception):
 
     The CLIs print its message as one line and exit non-zero, without a traceback.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, handled: the work stopped in a consistent state, and the message says what was kept.
+
+    The CLIs print the message as one line and exit 130 (the shell's code for SIGINT).
+    """

@@ -70,3 +70,17 @@ def check_resumable(old: Config, new: Config, run_dir: pathlib.Path) -> None:
 
 def _names(cfg: Config) -> str:
     return ", ".join(cfg.data.source_names) or f"none (data.source={cfg.data.source})"
+
+
+def check_own_config(config_file: str | pathlib.Path, cfg: Config) -> None:
+    """Refuses a run's own config.yaml (one beside a tokenizer.json or checkpoints/) whose run_dir is another
+    directory: a copied run keeps its original's run_dir, and training would continue the original."""
+    path = pathlib.Path(config_file)
+    home = path.parent
+    if path.name != CONFIG_FILE or not ((home / TOKENIZER_FILE).is_file() or (home / CHECKPOINT_DIR).is_dir()):
+        return
+    if home.resolve() == pathlib.Path(cfg.run_dir).expanduser().resolve():
+        return
+    raise LMError(f"'{path}' is the config of the run in '{home}' but names run_dir '{cfg.run_dir}' (a copied run "
+                  f"keeps its original's), so training would continue that run instead; pass run_dir={home} to "
+                  f"train the run in '{home}', or run_dir={cfg.run_dir} to continue the other one.")

@@ -106,6 +106,18 @@ def _connect(bucket: str, what: str, location: str) -> None:
     _REACHED.add(bucket)
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file here: 0o666 less the process's umask (read from /proc on Linux,
+    where changing the umask to read it would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(p, text: str) -> None:
     """Replaces the file (or object) at `p` with `text` (UTF-8): a reader sees the old one or the new one."""
     if is_remote(p):
@@ -117,6 +129,7 @@ def write_atomic(p, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), new_file_mode())  # not mkstemp's 0600
             os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:

@@ -139,7 +139,8 @@ def test_import_costs_and_the_public_api(code):
 
 @pytest.mark.parametrize("argv", [["-m", "lm", "--help"], ["-m", "lm.generate", "--help"], ["-m", "lm.aot", "--help"],
                                   ["-m", "lm.hf", "import", "--help"], ["-m", "lm.data", "list"],
-                                  ["train.py", "--help"], ["eval.py", "--help"]])
+                                  ["train.py", "--help"], ["eval.py", "--help"], ["-m", "lm.train", "--help"],
+                                  ["-m", "lm.eval", "--help"]])
 def test_every_entry_point_reaches_the_one_command_line(argv):
     result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -221,10 +221,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     # checkpoints
     "checkpoint_of_other_shape": (lambda c: c.train("model.d_model=32", run_dir=checkpoints_only(c)),
                                   "different model (d_model 64 there, 32 here)"),
-    "checkpoint_of_other_tokenizer": (lambda c: c.train(run_dir=c.copy_with(
+    # (train.steps=6: a run resumed at its train.steps has nothing to train, and says so)
+    "checkpoint_of_other_tokenizer": (lambda c: c.train("train.steps=6", run_dir=c.copy_with(
         META, lambda m: m.replace('"vocab_size": 259}', '"vocab_size": 32000}', 1))), "different tokenizer"),
-    "truncated_checkpoint_train": (lambda c: c.train(run_dir=truncated(c)), "is damaged"),
-    "tampered_checkpoint_train": (lambda c: c.train(run_dir=tampered(c)), "do not match the checksum"),
+    "truncated_checkpoint_train": (lambda c: c.train("train.steps=6", run_dir=truncated(c)), "is damaged"),
+    "tampered_checkpoint_train": (lambda c: c.train("train.steps=6", run_dir=tampered(c)), "do not match the checksum"),
     "truncated_checkpoint_eval": (lambda c: eval_args(truncated(c)), "is damaged"),
     "tampered_checkpoint_eval": (lambda c: eval_args(tampered(c)), "do not match the checksum"),
     "damaged_checkpoint_meta": (lambda c: eval_args(c.copy_with(META, lambda m: m[: len(m) // 2])), "is damaged"),
@@ -248,7 +249,6 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         "p.txt", " \n"))), "is empty"),
     "generate_prompt_not_utf8": (lambda c: generate_args(c.trained, "--prompt", "caf\udce9"),
                                  "is not valid UTF-8 text"),
-    "generate_empty_prompt": (lambda c: generate_args(c.trained, "--prompt", ""), "encodes to no tokens"),
     "generate_num_samples_zero": (lambda c: generate_args(c.trained, "--prompt", "ROMEO:", "--num_samples", "0"),
                                   "--num_samples=0 must be at least 1"),
     "generate_without_checkpoints": (lambda c: generate_args(without_checkpoints(c), "--prompt", "ROMEO:"),
@@ -265,6 +265,19 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "hf_missing_config": (lambda c: hf_import(c.tmp, c), "config.json' is missing"),
     "eval_config_with_python_tag": (lambda c: eval_args(c.copy_with(
         "config.yaml", lambda t: t + "seed: !!python/name:os.system\n")), "is not valid YAML"),
+    # what a new user tried (issue 34)
+    "adam_b2_of_one_or_more": (lambda c: c.train("optim.b2=1.5"), "optim.b2=1.5 must be in [0, 1)"),
+    "eval_batches_zero": (lambda c: c.train("eval.every=2", "eval.batches=0"), "set eval.every=0"),
+    "malformed_sha256": (lambda c: c.train("data.sha256=abc"), "is not a SHA-256 digest"),
+    "yaml_error_line_and_column": (lambda c: c.train(config=str(c.file("indent.yaml", "model:\n  d_model: 64\n"
+                                                                         " n_heads: 2\n"))), "at line 3, column 2"),
+    "config_is_a_directory": (lambda c: c.train(config=str(c.tmp)), "is a directory"),
+    "mixture_entry_without_key": (lambda c: c.train("data.mixture.grimm=1", config="configs/mixture_example.yaml"),
+                                  "use data.mixture.grimm.KEY=VALUE"),
+    "copied_run_config_names_the_original": (lambda c: ["train.py", "--config", str(c.copy() / "config.yaml")],
+                                             "but names run_dir"),
+    "train_steps_below_the_saved_step": (lambda c: c.train("train.steps=3", run_dir=c.copy()),
+                                         "is at step 4, past train.steps=3"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -144,3 +145,37 @@ def test_killed_and_preempted_run_resumes_exactly(tmp_path, shakespeare):
         assert got.get(key) == record, key
     for a, b in zip(jax.tree.leaves(final_params(reference.run_dir)), jax.tree.leaves(final_params(run.run_dir))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ctrl_c_checkpoints_the_step_reached_and_says_how_to_resume(tmp_path, shakespeare):
+    """Ctrl-C (SIGINT) while checkpoints are being written: the write completes, the step reached is
+    checkpointed, one line says how to resume, exit code 130, no traceback, no temporary directory."""
+    run = Run(tmp_path / "run", shakespeare)
+    run.argv += ["train.steps=3000", "checkpoint.every=1", "eval.every=0"]  # later overrides win
+    proc = run.start()
+    wait_for(proc, run, lambda: run.temp_checkpoints(), "an asynchronous checkpoint write")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=TIMEOUT_S) == 130, run.output()
+    out = run.output()
+    assert "Traceback" not in out and "orbax" not in out.lower(), out
+    last = out.rstrip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted: checkpoint at step \d+ written; run the same command to resume\.", last), out
+    assert Checkpoints(run.run_dir / "checkpoints", read_only=True).latest() == int(last.split()[4])
+    assert not run.temp_checkpoints()
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line():
+    code = ("import os, signal, time\n"
+            "from lm.training.guards import Preemption\n"
+            "p = Preemption(30.0)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "assert p.reached(1) and p.interrupted\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(30)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.splitlines() == [
+        "interrupt: stopping at the next safe point, after this step and a checkpoint of it (Ctrl-C again stops "
+        "at once)",
+        "error: interrupted again: stopped at once; the run resumes from its newest complete checkpoint when you "
+        "run the same command."]

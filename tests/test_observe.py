@@ -101,7 +101,7 @@ def test_bench_json_prints_every_field_and_an_honest_mfu(shakespeare, capsys):
     assert result["passes"] == 1  # tiny's 8 x 32 tokens fit one CPU pass
     assert result["memory_source"].startswith("process peak RSS") and result["data"] == str(shakespeare)
     assert result["cpu_options"] == {"devices": 1, "pass_tokens": 1024, "matmuls": "eigen", "min_max": "fast",
-                                     "attention_query_block": 64,
+                                     "attention_query_block": 0,  # 32 positions: not blocked by 64
                                      "gradient_sum": "compiler's"}  # this process sees one CPU device
     assert "CPU options     1 device(s), passes of <= 1024 tokens, eigen matmuls, fast max/min" in bench.format_table(result)
     assert result["processor"] == processor() and f"processor       {processor()}\n" in bench.format_table(result)

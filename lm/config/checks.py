@@ -22,15 +22,22 @@ def validate(c: Config) -> None:
     for key, options in CHOICES.items():
         _require(flat[key] in options, f"config key '{key}' is {flat[key]!r}; choose one of {', '.join(options)}.")
     for key in ("model.n_layers", "model.d_model", "model.n_heads", "model.max_seq_len",
-                "train.steps", "train.batch_size", "train.seq_len", "train.grad_accum_steps",
-                "checkpoint.every", "checkpoint.keep", "log.every"):
+                "train.steps", "train.batch_size", "train.seq_len", "train.grad_accum_steps", "checkpoint.keep"):
         _require(flat[key] > 0, f"config key '{key}' must be positive, got {flat[key]}.")
+    _require(c.eval.batches > 0, f"config key 'eval.batches' must be positive, got {c.eval.batches}; "
+             "to turn in-training validation off, set eval.every=0.")
+    # 0 means "none" or "derived" for these (docs/config.md, "Keys that take 0").
     for key in ("model.vocab_size", "model.n_kv_heads", "model.d_head", "model.d_ff", "model.sliding_window",
                 "model.rope_local_theta", "model.attn_scale_dim", "optim.warmup_steps",
-                "optim.decay_steps", "eval.every", "eval.batches", "eval.batch_size",
+                "optim.decay_steps", "eval.every", "checkpoint.every", "log.every", "eval.batch_size",
                 "optim.weight_decay", "optim.grad_clip", "optim.lr", "data.workers", "log.sample_tokens",
-                "profile.start_step", "profile.steps", "parallel.cpu_chunk_tokens"):
+                "profile.start_step", "profile.steps", "parallel.cpu_chunk_tokens", "train.max_consecutive_skips"):
         _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
+    for key in ("optim.b1", "optim.b2"):
+        _require(0.0 <= flat[key] < 1.0, f"{key}={flat[key]} must be in [0, 1) (Adam's moment decay).")
+    _require(not c.data.sha256 or SHA256.fullmatch(c.data.sha256) is not None,
+             f"data.sha256={c.data.sha256!r} is not a SHA-256 digest (64 hexadecimal characters, as "
+             "sha256sum prints); fix it or leave it empty.")
     m, t = c.model, c.train
     _validate_model(m)
     for key in ("model.splash_block_q", "model.splash_block_kv"):
@@ -64,6 +71,7 @@ def validate(c: Config) -> None:
 
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+SHA256 = re.compile(r"[0-9A-Fa-f]{64}")
 
 
 def _validate_mixture(d: DataConfig) -> None:

@@ -12,7 +12,7 @@ import yaml
 
 from lm import storage
 from lm.config.checks import validate
-from lm.config.sections import Config, flatten, to_dict
+from lm.config.sections import Config, MixtureSource, flatten, to_dict
 from lm.errors import LMError
 
 
@@ -77,20 +77,27 @@ def _entries(key: str, value: Any, cls: type) -> tuple:
     return tuple(entries)
 
 
-def _edit_entries(flat: dict[str, Any], key: str) -> None:
-    """Applies overrides `KEY.NAME.FIELD=value` to the entry of list `key` called NAME (in place)."""
+def _edit_entries(flat: dict[str, Any], key: str, entry_type: type) -> None:
+    """Applies overrides `KEY.NAME.FIELD=value` to the entry (of type `entry_type`) of list `key` called NAME
+    (in place)."""
     prefix = key + "."
     edits = {k: flat.pop(k) for k in [k for k in flat if k.startswith(prefix)]}
     if not edits:
         return
     entries = [dict(e) if isinstance(e, dict) else e for e in (flat.get(key) or [])]
+    fields = list(_field_types(entry_type))
     for dotted, value in edits.items():
-        name, _, field = dotted[len(prefix):].rpartition(".")
+        name, _, field = dotted[len(prefix):].partition(".")
         matches = [e for e in entries if isinstance(e, dict) and e.get("name") == name]
-        if not matches or not field:
+        if not matches:
             names = ", ".join(str(e.get("name")) for e in entries if isinstance(e, dict)) or "none"
             raise LMError(f"override '{dotted}' names no entry of {key} (its names: {names}); "
                           f"use {key}.NAME.KEY=VALUE with one of those names.")
+        if not field:
+            raise LMError(f"override '{dotted}' names the entry '{name}' of {key} but none of its keys; "
+                          f"use {key}.{name}.KEY=VALUE (KEY: {', '.join(fields)}).")
+        if field not in fields:
+            raise _unknown_key(f"{key}.{name}.{field}", [f"{key}.{name}.{known}" for known in fields])
         matches[0][field] = value
     flat[key] = entries
 
@@ -136,7 +143,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def from_flat(flat: dict[str, Any]) -> Config:
     """Builds and validates a Config from dotted keys; unknown keys are errors."""
     flat = dict(flat)
-    _edit_entries(flat, "data.mixture")
+    _edit_entries(flat, "data.mixture", MixtureSource)
     known = all_keys()
     for key in flat:
         if key not in known:
@@ -149,18 +156,37 @@ def from_flat(flat: dict[str, Any]) -> Config:
 def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     """Reads a YAML mapping safely; a missing or malformed file is an LMError."""
     path = storage.path(path, "config file")
+    if path.is_dir():
+        inside = path / "config.yaml"
+        hint = f"did you mean {inside}?" if inside.is_file() else "pass a YAML file such as configs/tiny.yaml."
+        raise LMError(f"config file '{path}' is a directory; {hint}")
     if not path.is_file():
         raise LMError(f"config file '{path}' does not exist; pass an existing YAML file such as configs/tiny.yaml.")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LMError(f"config file '{path}' is not valid YAML ({first}); fix the file.") from None
+    except UnicodeDecodeError as e:
+        raise LMError(f"config file '{path}' is not valid YAML (not UTF-8: bad byte at offset {e.start}); "
+                      "fix the file.") from None
+    except yaml.YAMLError as e:
+        raise LMError(f"config file '{path}' is not valid YAML{_where(e)} ({_problem(e)}); fix the file.") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
         raise LMError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...).")
     return tree
+
+
+def _where(e: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error (1-based), or '' when PyYAML gives no position."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    """What PyYAML says is wrong, in a few words."""
+    words = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    context = getattr(e, "context", None)
+    return f"{words}, {context}" if context else words
 
 
 def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:

@@ -170,12 +170,13 @@ class TrainConfig:
     grad_accum_steps: int = 1
     loss_chunk_tokens: int = -1  # tokens per device in one chunk of the cross-entropy; -1: auto, 0: whole
     skip_nonfinite: bool = False  # drop updates whose loss or gradients are NaN/Inf (else stop the run)
+    max_consecutive_skips: int = 10  # skip_nonfinite: stop the run after this many skipped steps in a row; 0: never
     preemption_grace_s: float = 30.0  # after SIGTERM: finish the step, checkpoint, exit within this time
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500
+    every: int = 500  # 0: no periodic checkpoints, only at the end (and on SIGTERM / Ctrl-C)
     keep: int = 3
     async_save: bool = True
 
@@ -183,13 +184,13 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     every: int = 250  # 0 disables in-training validation
-    batches: int = 20  # random validation batches per in-training estimate
+    batches: int = 20  # validation batches per in-training estimate (at least 1; eval.every=0 turns it off)
     batch_size: int = 0  # 0: train.batch_size
 
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-    every: int = 10
+    every: int = 10  # 0: only the first and the last step
     tensorboard: bool = True  # event files in run_dir (tensorboardX)
     sample_tokens: int = 64  # greedy continuation logged to TensorBoard at eval steps; 0: none
 

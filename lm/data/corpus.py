@@ -122,6 +122,12 @@ def _builder_class():
             for i, doc in enumerate(docs):
                 yield i, {"text": doc}
 
+        def _log_download_bytes(self):  # TFDS's "Downloading and preparing dataset Unknown size ...": nothing
+            pass                        # is downloaded here
+
+        def _log_download_done(self):
+            pass
+
     return LmText
 
 

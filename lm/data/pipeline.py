@@ -9,6 +9,7 @@ continues in the next row (positions restarting at 0), and rows carry `segment_i
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -69,7 +70,13 @@ def in_workers(ds, workers: int):
 
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; take the defaults
         flags.FLAGS.mark_as_parsed()
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=ignore_interrupts)
+
+
+def ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """In a worker process: Ctrl-C reaches the terminal's whole process group, but it is the trainer's to
+    handle (it checkpoints, then ends the workers), not each worker's to die of."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def padded(batches, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

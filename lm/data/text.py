@@ -32,7 +32,8 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def fetch(url: str, sha256: str, cache_dir: str) -> pathlib.Path:
-    """Downloads `url` once into `cache_dir` (atomically), checking its SHA-256 when given."""
+    """Downloads `url` once into `cache_dir` (atomically), checking its SHA-256 when given (either case)."""
+    sha256 = sha256.lower()
     name = pathlib.PurePosixPath(urllib.parse.urlparse(url).path).name or "data.txt"
     key = sha256[:16] if sha256 else hashlib.sha256(url.encode()).hexdigest()[:16]
     cache = pathlib.Path(cache_dir).expanduser() / key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import jax
@@ -19,7 +20,7 @@ from lm import rundir, storage
 from lm.config import ModelConfig
 from lm.data.tokenizers import ByteTokenizer, hf as hf_tokenizer, save_tokenizer
 from lm.errors import LMError
-from lm.hf import families, weights as hf_weights
+from lm.hf import families, tokenizer_files, weights as hf_weights
 from lm.model.transformer import Transformer
 from lm.training.checkpoint import Checkpoints
 from lm.training.runtime import build, platform_kernels
@@ -167,7 +168,8 @@ def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, override
 
 
 def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
-    """Writes config.json + model.safetensors (+ the run's tokenizer file) that transformers loads."""
+    """Writes config.json + model.safetensors that transformers loads, and the run's tokenizer
+    (lm.hf.tokenizer_files)."""
     from safetensors.numpy import save_file
 
     from lm.training.restore import restore_run
@@ -178,6 +180,7 @@ def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: in
     run = restore_run(run_dir, step, batch_size=1)
     cfg = run.cfg.model
     config = families.hf_config(cfg)  # refuse before writing anything
+    config.update(tokenizer_files.special_ids(run.tokenizer))
     eos_ids = list(run.tokenizer.eos_ids)
     if eos_ids:
         config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
@@ -188,7 +191,7 @@ def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: in
     tensors = {k: np.ascontiguousarray(v) for k, v in to_hf(params, cfg).items()}
     hf_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(hf_dir / "model.safetensors", storage.new_file_mode())  # safetensors writes 0600
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    if isinstance(run.tokenizer, hf_tokenizer.HFTokenizer):
-        (hf_dir / f"tokenizer{run.tokenizer.path.suffix}").write_bytes(run.tokenizer.path.read_bytes())
+    tokenizer_files.write_tokenizer(run.tokenizer, hf_dir)
     return hf_dir

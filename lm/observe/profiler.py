@@ -22,6 +22,7 @@ class Profiler:
         self.directory = run_dir / PROFILE_DIR
         self.start, self.stop = start_step, start_step + steps
         self.active = False
+        self.done = start_step
 
     def before_step(self, step: int) -> None:
         if step == self.start and self.stop > self.start and not self.active:
@@ -30,12 +31,21 @@ class Profiler:
             self.active = True
 
     def after_step(self, done: int, state) -> None:
+        self.done = done
         if self.active and done >= self.stop:
             jax.block_until_ready(state)
             self.close()
+
+    def written(self, done: int) -> str:
+        """Where the trace of steps start+1..done went, and how to open it."""
+        traces = sorted(self.directory.glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+        perfetto = f"; Perfetto: open {traces[-1]} at ui.perfetto.dev" if traces else ""
+        return (f"profile: steps {self.start + 1}-{done} traced into {self.directory} (TensorBoard: "
+                f"tensorboard --logdir {self.directory}, Profile tab{perfetto})")
 
     def close(self) -> None:
         if self.active:
             jax.profiler.stop_trace()
             storage.upload_dir(self.scratch, self.directory)
             self.active = False
+            print(self.written(self.done), flush=True)

@@ -58,17 +58,17 @@ def auto_count(cfg: Config, cores: int) -> int | None:
     return max(n for n in range(1, cores + 1) if all(r % n == 0 for r in rows))
 
 
-def split_cpu(cfg: Config) -> None:
+def split_cpu(cfg: Config, any_running: bool = False) -> None:
     """Sets JAX's CPU device count from parallel.cpu_devices, before JAX starts.
 
     Auto leaves alone a count chosen elsewhere (XLA_FLAGS' --xla_force_host_platform_device_count,
     JAX_NUM_CPU_DEVICES, jax.config) and the devices of a JAX already running in this process;
-    those an earlier auto split made must divide this run's batches.
+    those an earlier auto split made must divide this run's batches, unless `any_running`
+    (an inference restore, which rounds its batch up to the devices there are).
     """
     count = cfg.parallel.cpu_devices
     if count == 0:
-        chosen_elsewhere = jax.config.jax_num_cpu_devices not in [-1, *_split_by_lm]
-        if XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or chosen_elsewhere:
+        if _chosen_elsewhere():
             return
         count = auto_count(cfg, usable_cores())
         if count is None:
@@ -80,13 +80,32 @@ def split_cpu(cfg: Config) -> None:
         if cfg.parallel.cpu_devices and running != count:
             raise LMError(f"parallel.cpu_devices={count} comes too late: JAX already runs here with {running} CPU "
                           "device(s); set it in a fresh process (or leave it at 0).") from None
-        if _split_by_lm and auto_count(cfg, running) != running:
+        if _split_by_lm and not any_running and auto_count(cfg, running) != running:
             raise LMError(f"this process already split the CPU into {running} devices for an earlier run, and they do "
                           f"not divide this run's batches (parallel.cpu_devices=0 would pick {count}); run it in a "
                           "fresh process.") from None
         return
     if cfg.parallel.cpu_devices == 0:
         _split_by_lm[:] = [count]
+
+
+def _chosen_elsewhere() -> bool:
+    """Whether the CPU device count was set other than by lm's auto split (XLA_FLAGS, JAX_NUM_CPU_DEVICES,
+    jax.config)."""
+    return XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or \
+        jax.config.jax_num_cpu_devices not in [-1, *_split_by_lm]
+
+
+def split_per_core() -> int | None:
+    """Splits the CPU into one device per usable core, the most parallel.cpu_devices=0 gives a run (what
+    `lm info` shows); None where a count was chosen elsewhere or JAX already runs here."""
+    if _chosen_elsewhere():
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", usable_cores())
+    except RuntimeError:  # JAX already started in this process
+        return None
+    return usable_cores()
 
 
 def pass_count(rows: int, seq_len: int, max_tokens: int) -> int:

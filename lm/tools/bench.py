@@ -8,15 +8,21 @@ The step is `lm.training.runtime.build(cfg).train_step`, the one train.py runs, 
 warmed up, then timed step by step (each waits for the device) until --steps steps or
 --max_seconds of timed steps (at least 3 steps), whichever comes first. The input pipeline is
 timed on its own (host-side batch assembly), so the two can be compared.
+
+Batches: random windows of data.text_file's training split for a byte-tokenized text file
+(a file that cannot be read is an error); otherwise random token ids in the model's vocabulary,
+said so: a step's time does not depend on the ids, and a SentencePiece tokenizer is trained
+only on a run's first start. Packed-document configs get rows of one document each, so the
+step compiled is the one that run trains (segment ids and all).
 """
 
 from __future__ import annotations
 
 import pathlib
 import resource
-import sys
 import tempfile
 import time
+import types
 
 import jax
 import numpy as np
@@ -24,7 +30,7 @@ import numpy as np
 from lm.config import Config
 from lm.data import make_data, run_tokenizer
 from lm.data.text import TRAIN_STREAM, TextData, random_windows
-from lm.data.tokenizers import make_tokenizer
+from lm.data.tokenizers import ByteTokenizer, make_tokenizer
 from lm.errors import LMError
 from lm.observe.flops import flops_per_token, mfu, peak_flops
 from lm.parallel.cpu import split_cpu
@@ -35,17 +41,33 @@ from lm.training.runtime import build
 SYNTHETIC_TOKENS = 1 << 20
 
 
-def load_tokens(cfg: Config, tokenizer) -> tuple[np.ndarray, str]:
-    """The training split of data.text_file, or random tokens (said so) when it cannot be read.
+def load_tokens(cfg: Config) -> tuple[np.ndarray, int, str]:
+    """(token ids to cut windows from, the model's vocabulary, what they are): the training split of
+    data.text_file for a byte-tokenized text file, else random ids (see the module docstring)."""
+    d = cfg.data
+    if d.source == "text_file" and d.tokenizer == "byte" and d.text_file:
+        tokenizer = ByteTokenizer()
+        return TextData.load(d, tokenizer, cfg.train.seq_len).train, tokenizer.vocab_size, d.text_file
+    if d.packed:
+        why = f"data.source={d.source} packs documents; lm data bench times that pipeline"
+    elif not d.text_file:
+        why = "no data.text_file is set"
+    else:
+        why = f"data.tokenizer={d.tokenizer} is trained on a run's first start, or imported"
+    vocab = cfg.model.vocab_size or _tokenizer_vocabulary(d)
+    tokens = np.random.default_rng(0).integers(3, vocab, SYNTHETIC_TOKENS, dtype=np.int32)
+    return tokens, vocab, f"random token ids below {vocab}: {why}; a step's time does not depend on the ids"
 
-    Step time does not depend on token values, so a benchmark can run without the corpus.
-    """
-    try:
-        return TextData.load(cfg.data, tokenizer, cfg.train.seq_len).train, cfg.data.text_file
-    except LMError as e:
-        print(f"note: benchmarking on random tokens: {e}", file=sys.stderr)
-        tokens = np.random.default_rng(0).integers(3, tokenizer.vocab_size, SYNTHETIC_TOKENS, dtype=np.int32)
-        return tokens, "synthetic (random tokens)"
+
+def _tokenizer_vocabulary(d) -> int:
+    """The vocabulary data.tokenizer will have, without training it."""
+    if d.tokenizer != "sentencepiece":
+        return make_tokenizer(d.tokenizer).vocab_size  # data.tokenizer=hf (model.vocab_size unset): its message
+    if not d.tokenizer_model:
+        return d.vocab_size
+    from lm.data.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    return SentencePieceTokenizer.from_file(d.tokenizer_model).vocab_size
 
 
 def pipeline_tokens_per_sec(tokens: np.ndarray, cfg: Config, seconds: float = 0.5) -> float:
@@ -71,15 +93,18 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
     if steps < 1 or warmup < 0:
         raise LMError(f"--steps must be at least 1 and --warmup at least 0 (got {steps}, {warmup}).")
     split_cpu(cfg)
-    tokenizer = make_tokenizer(cfg.data.tokenizer)
-    tokens, source = load_tokens(cfg, tokenizer)
-    rt = build(cfg, tokenizer)
+    tokens, vocab, source = load_tokens(cfg)
+    rt = build(cfg, types.SimpleNamespace(vocab_size=vocab))  # build reads only the tokenizer's vocabulary
     cfg = rt.cfg
     devices = list(rt.mesh.devices.flat)
 
     def batch(i):
         local = random_windows(tokens, cfg.seed, i, TRAIN_STREAM, cfg.train.batch_size, cfg.train.seq_len,
                                host_rows(cfg.train.batch_size))
+        if cfg.data.packed:  # what packed rows carry (lm.data.pipeline.to_batch): here one document each
+            ones = np.ones_like(local["inputs"])
+            local.update(positions=np.broadcast_to(np.arange(cfg.train.seq_len, dtype=np.int32), ones.shape),
+                         segment_ids=ones, weights=ones)
         return rt.place_batch(local)
 
     peak_flops(devices, cfg.model.dtype)  # on CPU: probed before and after the timed steps, best kept
@@ -120,7 +145,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
         "peak_flops_per_sec": total_peak, "peak_source": peak_source,
         "mfu": mfu(tokens_per_sec, flops_per_tok, total_peak),
         "peak_memory_bytes": memory, "memory_source": memory_source,
-        "pipeline_tokens_per_sec": pipeline_tokens_per_sec(tokens, cfg), "data": source,
+        "pipeline_tokens_per_sec": None if cfg.data.packed else pipeline_tokens_per_sec(tokens, cfg), "data": source,
         "cpu_options": rt.cpu_options(),
     }
 
@@ -141,7 +166,8 @@ def format_table(result: dict) -> str:
         ("MFU", number(result["mfu"], "{:.2%}") + f" of {number(result['peak_flops_per_sec'], '{:.3g}')} "
                 f"FLOP/s ({result['peak_source']})"),
         ("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB ({result['memory_source']})"),
-        ("input pipeline", f"{result['pipeline_tokens_per_sec']:,.0f} tokens/s ({result['data']})"),
+        ("data", result["data"]),
+        ("input pipeline", number(result["pipeline_tokens_per_sec"], "{:,.0f} tokens/s (random windows)")),
     ]
     if result["cpu_options"]:
         o = result["cpu_options"]

@@ -56,6 +56,9 @@ def _batches(windows: Iterator[dict], batch_size: int) -> Iterator[dict[str, np.
 def _text_batches(cfg, tokenizer, text_file: str | None, stride: int | None, batch_size: int):
     if text_file:
         text = read_text(dataclasses.replace(cfg.data, text_file=text_file, sha256=""))
+    elif not cfg.data.text_file:
+        raise LMError(f"run '{cfg.run_dir}' names no text to score (its data.text_file is empty, as after lm hf "
+                      "import); pass --text_file FILE to score a UTF-8 text file.")
     else:
         text = split_text(read_text(cfg.data), cfg.data.val_fraction)[1]
     tokens = tokenizer.encode(text)
@@ -76,6 +79,7 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     """
     opened = open_run(run_dir, step)
     cfg, tokenizer = opened.cfg, opened.tokenizer
+    _check_flags(cfg, text_file, stride, split)
     batch_size = cfg.train.batch_size
     if text_file or not cfg.data.packed:
         sets = {None: _text_batches(cfg, tokenizer, text_file, stride, batch_size)}  # checks text and stride first
@@ -92,6 +96,21 @@ def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None
     if None not in sums:
         result["sources"] = {name: _figures(*totals) for name, totals in sums.items()}
     return result
+
+
+def _check_flags(cfg, text_file: str | None, stride: int | None, split: str | None) -> None:
+    """Refuses a flag that would change nothing: --split scores a split of packed documents, --stride slides
+    over one text."""
+    if split is not None and text_file:
+        raise LMError("--split picks a split of a run's documents, but --text_file scores the file given instead; "
+                      "drop one of them.")
+    if split is not None and not cfg.data.packed:
+        raise LMError(f"--split picks a split of a data.source=tfds or mixture run, but this run reads "
+                      f"data.source={cfg.data.source}, whose validation text is the last data.val_fraction of "
+                      "data.text_file; drop --split (or pass --text_file FILE).")
+    if stride is not None and not text_file and cfg.data.packed:
+        raise LMError(f"--stride slides over one text, but this run's data.source={cfg.data.source} scores packed "
+                      "documents, each token once; drop --stride, or pass --text_file FILE to score a text with it.")
 
 
 def _score(run, batches, batch_size: int) -> tuple[float, float, int]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from lm.config import ModelConfig
 from lm.data.text import read_utf8
-from lm.data.tokenizers import Tokenizer
+from lm.data.tokenizers import BOS_ID, Tokenizer
 from lm.errors import LMError
 from lm.model import decode
 from lm.model.decode import Sampling
@@ -41,15 +41,27 @@ def check_counts(max_new_tokens: int, num_samples: int = 1, batch_size: int = 1)
             raise LMError(f"--{name}={value} must be at least 1; raise it.")
 
 
-def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: str) -> np.ndarray:
-    """The prompt's ids, or an LMError when it is not text, encodes to nothing or outside the model's vocabulary."""
+def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: str, packed: bool = False) -> np.ndarray:
+    """The prompt's ids, or an LMError when it is not text or encodes outside the model's vocabulary.
+
+    A run trained on packed documents (`packed`) saw BOS at the start of every document
+    (lm.data.pipeline), so its prompts get BOS first too. An empty prompt samples unconditionally:
+    from BOS, or where the tokenizer has none, from its end-of-text id (GPT-2's <|endoftext|>).
+    """
     shown = repr(prompt if len(prompt) <= 40 else prompt[:37] + "...")
     try:
         ids = np.asarray(tokenizer.encode(prompt), np.int64)
     except UnicodeError:
         raise LMError(f"the prompt {shown} is not valid UTF-8 text; pass the prompt as UTF-8.") from None
+    if packed:
+        start = [BOS_ID]
+    else:
+        start = [tokenizer.bos_id] if tokenizer.bos_id is not None else list(tokenizer.eos_ids[:1])
+    if packed or len(ids) == 0:
+        ids = np.concatenate([np.asarray(start, np.int64), ids])
     if len(ids) == 0:
-        raise LMError(f"the prompt {shown} encodes to no tokens; pass a non-empty prompt.")
+        raise LMError(f"the prompt {shown} encodes to no tokens, and the tokenizer has no BOS or end-of-text id to "
+                      "start from; pass a non-empty prompt.")
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise LMError(f"the prompt {shown} encodes to id {int(ids.max())}, outside the model's vocabulary of "
                       f"{vocab_size}; the run's tokenizer does not match its model.")
@@ -120,7 +132,7 @@ class Generation:
             raise LMError("there are no prompts; pass --prompt TEXT or a file with one prompt per line.")
         self.run, self.max_new_tokens, self.sampling, self.batch_size = run, max_new_tokens, sampling, batch_size
         self.eos_ids = () if ignore_eos else tuple(run.tokenizer.eos_ids)
-        ids = [encode_prompt(run.tokenizer, run.cfg.model.vocab_size, p) for p in prompts]
+        ids = [encode_prompt(run.tokenizer, run.cfg.model.vocab_size, p, run.cfg.data.packed) for p in prompts]
         self.long_prompts = sum(len(i) > run.cfg.model.max_seq_len for i in ids)  # the model sees their ends
         self.samples = [Sample(p, s, seed + i * num_samples + s)
                         for i, p in enumerate(prompts) for s in range(num_samples)]

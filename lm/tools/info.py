@@ -107,9 +107,14 @@ def info() -> dict:
     try:
         import jax
 
+        from lm.parallel.cpu import split_per_core
+
+        per_core = split_per_core()  # as commands split the CPU (only the CPU backend reads it)
         devices = jax.devices()
         report.update(backend=jax.default_backend(), device_kind=devices[0].device_kind, devices=len(devices),
                       local_devices=jax.local_device_count(), processes=jax.process_count())
+        if report["backend"] == "cpu" and per_core:
+            report["cpu_split_per_core"] = True
     except Exception as e:  # a broken accelerator install: still report the versions
         report.update(backend=None, backend_error=str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
     return report
@@ -126,6 +131,9 @@ def format_info(r: dict) -> str:
     if r.get("backend"):
         lines.append(f"backend {r['backend']}: {r['devices']} x {r['device_kind']} ({r['local_devices']} local), "
                      f"{r['processes']} process(es)")
+        if r.get("cpu_split_per_core"):
+            lines[-1] += (" | commands split the CPU into one device per core (fewer when that does not divide "
+                          "the batch; parallel.cpu_devices)")
     else:
         lines.append(f"backend: JAX could not start ({r['backend_error']})")
     lines += [f"warning: {w}" for w in r["warnings"]]

@@ -63,9 +63,16 @@ class Checkpoints:
                  read_only: bool = False):
         self.directory = storage.absolute(storage.path(directory, "run_dir"))  # local, or a bucket (tensorstore)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
+            max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # Orbax warns "Given directory is read only" on every read-only open
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        finally:
+            absl_logger.setLevel(level)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

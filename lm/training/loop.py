@@ -4,8 +4,9 @@ Running the same command again on a run_dir resumes from its newest checkpoint a
 continues exactly: dropout is a function of (seed, step), and the data source either is
 too (random windows) or restores its position from the checkpoint (packed documents, and
 every source of a mixture with the tokens drawn from each so far).
-SIGTERM checkpoints the current step and exits 0; a NaN/Inf step stops the run before
-anything diverged is checkpointed, or is skipped (lm.training.guards).
+SIGTERM checkpoints the current step and exits 0, Ctrl-C does too and then raises
+lm.errors.Interrupted; a NaN/Inf step stops the run before anything diverged is
+checkpointed, or is skipped (lm.training.guards).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lm import rundir, storage
 from lm.config import Config
 from lm.data import make_data, run_tokenizer
 from lm.data.tokenizers import save_tokenizer
+from lm.errors import Interrupted, LMError
 from lm.model.decode import Sampling, generate
 from lm.observe.flops import flops_per_token, mfu, peak_flops
 from lm.observe.log import MetricsLog
@@ -30,16 +32,23 @@ from lm.parallel.cpu import split_cpu
 from lm.parallel.mesh import maybe_initialize_distributed
 from lm.training.checkpoint import Checkpoints
 from lm.training.guards import NonfiniteWatch, Preemption
-from lm.training.optim import warmup_warning
+from lm.training.optim import make_schedule, warmup_warning
 from lm.training.runtime import Runtime, build
 
 
 def train(cfg: Config) -> list[dict]:
     """Trains (or resumes) the run described by `cfg`; returns the records it logged."""
     run_path = storage.path(cfg.run_dir, "run_dir")  # a bucket's package and access, checked first
-    # -- Devices: split the CPU into one device per core, join the other hosts.
+    # -- Devices: split the CPU into one device per core, join the other hosts (before JAX starts).
     split_cpu(cfg)
     maybe_initialize_distributed(cfg.parallel)
+
+    # -- A resume the run in run_dir cannot make is refused before anything is built.
+    existing = _saved_run(cfg, run_path)
+    if existing and existing[1] == cfg.train.steps:
+        print(f"run_dir '{cfg.run_dir}' is already at step {existing[1]} = train.steps: nothing to train; "
+              f"raise train.steps to continue it.", flush=True)
+        return []
 
     with contextlib.ExitStack() as cleanup:  # closed in reverse: profiler, log, checkpoints, preemption
         preemption = cleanup.enter_context(contextlib.closing(Preemption(cfg.train.preemption_grace_s)))
@@ -49,6 +58,8 @@ def train(cfg: Config) -> list[dict]:
         tokenizer = run_tokenizer(cfg, run_path)
         rt = build(cfg, tokenizer)
         data = make_data(rt.cfg, tokenizer, rt.host_rows)
+        if preemption.interrupted:
+            raise Interrupted("interrupted before training started; nothing was written.")
         run_dir = rundir.prepare(cfg)
         ckpts = cleanup.enter_context(contextlib.closing(Checkpoints(
             run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)))
@@ -61,6 +72,8 @@ def train(cfg: Config) -> list[dict]:
             state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
             data.restore(saved.get("data"))
             print(f"resumed from {ckpts.directory}/{start}", flush=True)
+            if existing:
+                _note_schedule_change(existing[0], cfg, start)
         else:
             start, state = 0, rt.init(jax.random.key(cfg.seed))
         if jax.process_index() == 0:  # written once the run is known to start (a failed start changes nothing)
@@ -69,7 +82,7 @@ def train(cfg: Config) -> list[dict]:
             print(rt.describe(), flush=True)
             if warning := warmup_warning(cfg.optim, cfg.train.steps):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
-        watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped)
+        watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped, cfg.train.max_consecutive_skips)
         log = cleanup.enter_context(contextlib.closing(MetricsLog(run_dir, start, cfg.train.steps,
                                                                   cfg.log.tensorboard)))
         profiler = cleanup.enter_context(contextlib.closing(Profiler(run_dir, cfg.profile.start_step,
@@ -79,7 +92,8 @@ def train(cfg: Config) -> list[dict]:
         flops_per_tok = flops_per_token(rt.cfg.model, cfg.train.seq_len)
         total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype)
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        prompt_P = _sample_prompt(rt, data)
+        samples = bool(cfg.eval.every and cfg.log.sample_tokens and cfg.log.tensorboard)
+        prompt_P = _sample_prompt(rt, data) if samples else None
         records, pending, previous = [], None, None
         last_time, last_step, preempted, done = time.perf_counter(), start, False, start
 
@@ -98,7 +112,7 @@ def train(cfg: Config) -> list[dict]:
             now = time.perf_counter()
             rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
             record.update(tokens_per_sec=rate, mfu=mfu(rate, flops_per_tok, total_peak),
-                          eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)
+                          eta_sec=(cfg.train.steps - step) * tokens_per_step / rate)  # compiling excluded
             last_time, last_step, pending = now, step, None
             records.append(record)
             log.write(record)
@@ -108,6 +122,8 @@ def train(cfg: Config) -> list[dict]:
         for step in range(start, cfg.train.steps):
             profiler.before_step(step)
             state, metrics = rt.train_step(state, rt.place_batch(data.batch(step)))
+            if step == start:  # the first call compiled the step (and returned once it ran on): time from here
+                last_time = time.perf_counter()
             done = step + 1
             watch.add(done, metrics["nonfinite"])
             jax.block_until_ready(previous)
@@ -129,7 +145,7 @@ def train(cfg: Config) -> list[dict]:
                     record.update(val_loss_by_source=by_source, tokens_by_source=dict(data.tokens_by_source))
                 records.append(record)
                 log.write(record)
-                if cfg.log.sample_tokens and cfg.log.tensorboard:
+                if samples:
                     log.tensorboard.text("sample", sample_text(rt, state.params, prompt_P, tokenizer), done)
                 last_time = time.perf_counter()
 
@@ -146,8 +162,45 @@ def train(cfg: Config) -> list[dict]:
         watch.check(cfg.train.steps)
         ckpts.wait()
         if preempted:
-            print(f"preempted: checkpoint at step {done} written; run the same command to resume.", flush=True)
+            message = f"checkpoint at step {done} written; run the same command to resume."
+            if preemption.interrupted:
+                raise Interrupted(f"interrupted: {message}")
+            print(f"preempted: {message}", flush=True)
         return records
+
+
+def _saved_run(cfg: Config, run_dir) -> tuple[Config, int] | None:
+    """(config, newest checkpoint step) of the run already in `run_dir` (cfg.run_dir as a path), or None;
+    refuses a config that run cannot continue under (rundir.check_resumable) and a train.steps below its step."""
+    if not ((run_dir / rundir.CONFIG_FILE).is_file() and (run_dir / rundir.CHECKPOINT_DIR).is_dir()):
+        return None
+    old = rundir.read_config(run_dir)
+    rundir.check_resumable(old, cfg, run_dir)
+    ckpts = Checkpoints(run_dir / rundir.CHECKPOINT_DIR, read_only=True)
+    try:
+        step = ckpts.latest()
+    finally:
+        ckpts.close()
+    if step is None:
+        return None
+    if step > cfg.train.steps:
+        raise LMError(f"run_dir '{run_dir}' is at step {step}, past train.steps={cfg.train.steps}; raise "
+                      f"train.steps above {step} to continue it, or pass a new run_dir to start over.")
+    return old, step
+
+
+def _note_schedule_change(old: Config, new: Config, step: int) -> None:
+    """One line when the resumed config's learning rate for step+1 differs from the run's own schedule
+    (e.g. a finished run extended with a higher train.steps: the cosine decay restretches)."""
+    was, now = (float(make_schedule(c.optim, c.train.steps)(step)) for c in (old, new))
+    if abs(now - was) <= 1e-6 * max(abs(was), abs(now)):
+        return
+    hint = ""
+    if old.train.steps != new.train.steps and not new.optim.decay_steps:
+        hint = (f" (train.steps {old.train.steps} -> {new.train.steps}; optim.decay_steps=0 follows train.steps: "
+                f"set optim.decay_steps={old.optim.decay_steps or old.train.steps} to keep the run's schedule)")
+    print(f"note: the learning rate of step {step + 1} is {now:.3g} under this config, {was:.3g} under the run's "
+          f"config.yaml{hint}.", flush=True)
 
 
 def _is_due(step: int, every: int, last: int) -> bool:

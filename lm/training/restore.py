@@ -45,7 +45,8 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: i
     """Reads `run_dir`'s config, tokenizer and checkpoint list; picks `step` (default newest).
 
     The config is laid out data-parallel over all local devices, with the batch (default
-    eval.batch_size or train.batch_size) rounded up so every device gets a share.
+    eval.batch_size or train.batch_size) rounded up so every device gets a share (so the CPU
+    devices an earlier run in this process split serve any batch).
     """
     run_dir = storage.path(run_dir, "run_dir")
     cfg = rundir.read_config(run_dir)
@@ -53,7 +54,7 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: i
     cfg = config_lib.replace(cfg, **{"parallel.mode": "mesh", "parallel.data": -1, "parallel.fsdp": 1,
                                      "parallel.tensor": 1, "train.batch_size": batch_size,
                                      "eval.batch_size": batch_size, "train.grad_accum_steps": 1})
-    split_cpu(cfg)
+    split_cpu(cfg, any_running=True)
     tokenizer = load_tokenizer(run_dir)
     ckpts = Checkpoints(run_dir / rundir.CHECKPOINT_DIR, read_only=True)
     step = ckpts.latest() if step is None else step

@@ -130,8 +130,15 @@ class Runtime:
         return {"devices": self.mesh.size, "pass_tokens": self.cfg.parallel.cpu_chunk_tokens,
                 "matmuls": "eigen" if EIGEN_MATMULS.keys() <= cpu_compiler_options().keys() else "xla default",
                 "min_max": "fast" if FAST_MIN_MAX.keys() <= cpu_compiler_options().keys() else "nan-propagating",
-                "attention_query_block": self.model.kernels.query_block,
+                "attention_query_block": self.query_block,
                 "gradient_sum": "one flat buffer" if self.per_device and self.mesh.size > 1 else "compiler's"}
+
+    @property
+    def query_block(self) -> int:
+        """Queries XLA attention takes at a time in a train step (0: all; lm.model.attention.attend blocks
+        causal sequences of at least two blocks)."""
+        block = self.model.kernels.query_block
+        return block if block and self.cfg.train.seq_len >= 2 * block else 0
 
     def host_rows(self, batch_size: int) -> np.ndarray:
         """The rows of a global batch of `batch_size` that this process loads."""

@@ -31,6 +31,7 @@ class Tokenizer(Protocol):
     kind: str  # data.tokenizer: byte, sentencepiece or hf
     vocab_size: int
     eos_ids: tuple[int, ...]  # ids that end a document (and stop generation); () if it has none
+    bos_id: int | None  # the id that begins a document (an empty prompt starts there); None if it has none
 
     def encode(self, text: str) -> np.ndarray: ...
 

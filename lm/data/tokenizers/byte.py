@@ -14,6 +14,7 @@ class ByteTokenizer:
     offset = 3
     vocab_size = 256 + offset
     eos_ids = (EOS_ID,)
+    bos_id = BOS_ID
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset

@@ -78,6 +78,15 @@ class HFTokenizer:
         """UTF-8 bytes of text each id stands for (0 for special ids), from the token's piece."""
         return self._bytes_V[np.clip(np.asarray(ids), 0, self.vocab_size - 1)]
 
+    @property
+    def bos_id(self) -> int | None:
+        """The id the tokenizer begins a text with (a tokenizer.json's post-processor, e.g. Llama's
+        <|begin_of_text|>; a SentencePiece model's bos id), or None."""
+        if self.path.suffix != ".json":
+            return self._tok.bos_id() if self._tok.bos_id() >= 0 else None
+        ids = self._tok.encode("", add_special_tokens=True).ids
+        return ids[0] if ids and ids[0] not in self.eos_ids else None
+
     def declared_eos_ids(self) -> tuple[int, ...]:
         """The EOS token the tokenizer files name: `eos_token` of the tokenizer_config.json beside a
         tokenizer.json, or a SentencePiece model's eos id; () when they name none."""

@@ -42,6 +42,7 @@ class SentencePieceTokenizer:
 
     kind = "sentencepiece"
     eos_ids = (EOS_ID,)
+    bos_id = BOS_ID
 
     def __init__(self, model_proto: bytes):
         import sentencepiece as spm
