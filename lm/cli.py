@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = command("eval", _eval, "Perplexity and bits-per-byte of a trained run.")
     p.add_argument("--run_dir", required=True, help="directory train.py wrote")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--step", type=_step, help=STEP_HELP)
     p.add_argument("--text_file", help="score this UTF-8 file instead of the validation split")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: seq_len, no overlap)")
     p.add_argument("--split", help="data.source=tfds or mixture: the split to score (default: data.eval_split, "
@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="samples decoded together (default 16)")
     p.add_argument("--ignore_eos", action="store_true", help="do not stop at the tokenizer's end-of-text id")
     p.add_argument("--json", action="store_true", help="print one JSON object per sample")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--step", type=_step, help=STEP_HELP)
     p.add_argument("--bench", action="store_true",
                    help="print greedy tokens/s for one prompt and a batch, with and without the KV cache")
 
@@ -115,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(command=_hf_export)
     p.add_argument("run_dir")
     p.add_argument("hf_dir")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--step", type=_step, help=STEP_HELP)
 
     p = command("bench", _bench, "Time the train step of a config.",
                 epilog="Example: lm bench --config configs/shakespeare_cpu.yaml --json")
@@ -158,6 +158,30 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+STEP_HELP = "checkpoint step, or best: the lowest validation loss kept (checkpoint.keep_best); default: newest"
+
+
+def _step(text: str) -> int | str:
+    """--step: a step number or 'best'."""
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a step number nor 'best'") from None
+
+
+def _checkpoint_step(args) -> int | None:
+    """args.step with 'best' resolved, saying on stderr which step and validation loss that is."""
+    if args.step != "best":
+        return args.step
+    from lm.training.restore import best_checkpoint
+
+    step, val_loss = best_checkpoint(args.run_dir)
+    print(f"best checkpoint: step {step} (val_loss {val_loss:.4f})", file=sys.stderr, flush=True)
+    return step
+
+
 def _config(args):
     from lm.config import load_config
 
@@ -174,7 +198,7 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from lm.tools.evaluate import evaluate
 
-    result = evaluate(args.run_dir, args.step, args.text_file, args.stride, args.split)
+    result = evaluate(args.run_dir, _checkpoint_step(args), args.text_file, args.stride, args.split)
     if args.json:
         print(json.dumps(result))
     else:
@@ -203,7 +227,7 @@ def _generate(args) -> None:
     prompts = read_prompts(args.prompt, args.prompt_file, args.prompts)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     sampling.check()
-    run = restore_run(args.run_dir, args.step, batch_size=1)
+    run = restore_run(args.run_dir, _checkpoint_step(args), batch_size=1)
     if args.bench:
         _generate_bench(args, run, prompts)
         return
@@ -287,7 +311,7 @@ def _hf_import(args) -> None:
 def _hf_export(args) -> None:
     from lm.hf import export_run
 
-    out = export_run(args.run_dir, args.hf_dir, args.step)
+    out = export_run(args.run_dir, args.hf_dir, _checkpoint_step(args))
     print(f"exported {args.run_dir} to {out} (config.json, model.safetensors)")
 
 

@@ -5,12 +5,14 @@ continues exactly: dropout is a function of (seed, step), and the data source ei
 too (random windows) or restores its position from the checkpoint (packed documents, and
 every source of a mixture with the tokens drawn from each so far).
 SIGTERM checkpoints the current step and exits 0; a NaN/Inf step stops the run before
-anything diverged is checkpointed, or is skipped (lm.training.guards).
+anything diverged is checkpointed, or is skipped (lm.training.guards). With checkpoint.keep_best
+every validation that beats the best so far is checkpointed too, and that step is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import pathlib
 import time
 
@@ -49,7 +51,8 @@ def train(cfg: Config) -> list[dict]:
         data = make_data(rt.cfg, tokenizer, rt.host_rows)
         run_dir = rundir.prepare(cfg)
         ckpts = cleanup.enter_context(contextlib.closing(Checkpoints(
-            run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)))
+            run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+            keep_best=cfg.checkpoint.keep_best)))
         meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
 
         # -- Resume from the newest checkpoint (step 0 is an imported model's weights), or init.
@@ -73,11 +76,12 @@ def train(cfg: Config) -> list[dict]:
 
         # -- Throughput bookkeeping: model FLOPs per token against the devices' peak.
         flops_per_tok = flops_per_token(rt.cfg.model, cfg.train.seq_len)
-        total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype)
+        total_peak, _ = peak_flops(list(rt.mesh.devices.flat), rt.model_cfg.dtype)
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         prompt_P = _sample_prompt(rt, data)
         records, pending, previous = [], None, None
         last_time, last_step, preempted, done = time.perf_counter(), start, False, start
+        best_val_loss = (ckpts.best() or (None, math.inf))[1]  # the kept checkpoints' lowest
 
         def flush():
             """Logs the pending step's metrics (read from the device only now)."""
@@ -116,6 +120,7 @@ def train(cfg: Config) -> list[dict]:
 
             # -- Validation: nanoGPT's estimate over eval.batches fixed batches (of each source of a
             #    mixture), and a text sample.
+            val_loss = None
             if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
                 flush()
                 watch.check(done)
@@ -129,11 +134,16 @@ def train(cfg: Config) -> list[dict]:
                     log.tensorboard.text("sample", sample_text(rt, state.params, prompt_P, tokenizer), done)
                 last_time = time.perf_counter()
 
-            # -- Checkpoint on schedule, and on preemption (then stop).
+            # -- Checkpoint on schedule, at a new best validation loss (checkpoint.keep_best), and on
+            #    preemption (then stop).
+            improved = val_loss is not None and val_loss < best_val_loss
+            best_val_loss = val_loss if improved else best_val_loss
             preempted = preemption.reached(done)
-            if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):
+            if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps) or (
+                    improved and cfg.checkpoint.keep_best):
                 watch.check(done)  # never checkpoint a diverged state
-                ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()})
+                ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()},
+                           val_loss=val_loss)
             if preempted:
                 break
         flush()
@@ -172,5 +182,5 @@ def _sample_prompt(rt: Runtime, data) -> np.ndarray:
 
 def sample_text(rt: Runtime, params, prompt_P: np.ndarray, tokenizer) -> str:
     """Decoded prompt + its greedy continuation of log.sample_tokens tokens (with the KV cache)."""
-    continuation = generate(params, rt.cfg.model, prompt_P, rt.cfg.log.sample_tokens, Sampling(temperature=0.0))[0]
+    continuation = generate(params, rt.model_cfg, prompt_P, rt.cfg.log.sample_tokens, Sampling(temperature=0.0))[0]
     return tokenizer.decode(np.concatenate([prompt_P, continuation]).tolist())
