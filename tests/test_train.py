@@ -119,6 +119,7 @@ def test_keep_best_keeps_the_lowest_validation_loss_and_step_best_picks_it(tiny_
     beside the newest; --step best evaluates it and says which it is. (Validation losses scripted.)"""
     import lm.training.loop
     from lm.cli import main
+    from lm.training.restore import open_run
 
     scripted = iter([3.0, 2.0, 2.5, 2.8])  # steps 2, 4, 6, 8
     monkeypatch.setattr(lm.training.loop, "validation_loss", lambda *args: (next(scripted), {}))
@@ -131,7 +132,9 @@ def test_keep_best_keeps_the_lowest_validation_loss_and_step_best_picks_it(tiny_
     main(["eval", "--run_dir", cfg.run_dir, "--step", "best", "--json"])
     out = capsys.readouterr()
     assert out.err == "best checkpoint: step 4 (val_loss 2.0000)\n" and json.loads(out.out)["step"] == 4
-    assert evaluate(cfg.run_dir, step="best")["step"] == 4
+    opened = open_run(cfg.run_dir, "best")  # the Python API's step="best"
+    opened.checkpoints.close()
+    assert opened.step == 4
 
 
 def test_step_best_needs_a_validated_checkpoint(tmp_path, tiny_config, capsys):

@@ -79,7 +79,10 @@ def open_run(run_dir: str | pathlib.Path, step: int | str | None = None, batch_s
     split_cpu(cfg)
     tokenizer = load_tokenizer(run_dir)
     ckpts = Checkpoints(run_dir / rundir.CHECKPOINT_DIR, read_only=True)
-    step = ckpts.latest() if step is None else best_step(ckpts, run_dir)[0] if step == BEST else step
+    if step == BEST:
+        step = best_step(ckpts, run_dir)[0]
+    elif step is None:
+        step = ckpts.latest()
     if step is None:
         raise LMError(f"'{run_dir}' has no checkpoints yet; train it first (python train.py ... run_dir={run_dir}).")
     ways = jax.device_count()
