@@ -14,9 +14,10 @@ bottoms out within the first few hundred steps and then climbs as the model memo
 Overrides change the lm side, and the torch side follows (benchmarks/vs_torch.py). For each
 seed, in turn: `train.py`, `torch_reference.py --whole_run` with the same seed, shape,
 schedule and text (one thread: on a loaded 2-core machine two PyTorch threads wait on each
-other), and `train.py` with model.attention_dropout=0 (lm without attention dropout, the control). Prints per validation step each side's mean and range over the seeds,
-whether lm's and torch's means differ by no more than the larger of their ranges ("agree"),
-and each side's mean training loss (dropout on) over the last fifth of the run.
+other), and `train.py` with model.attention_dropout=0 (lm without attention dropout, the
+control). Prints per validation step each side's mean and range over the seeds, whether lm's
+and torch's means differ by no more than the larger of their ranges ("agree"), and each
+side's mean training loss (dropout on) over the last fifth of the run.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def main() -> None:
                         encoding="utf-8")
         recipe = RECIPE + [f"data.text_file={text}", *args.overrides]
         for seed in range(1, args.seeds + 1):
-            for side, extra in (("lm", []), ("torch", None), ("lm, attention_dropout=0", ["model.attention_dropout=0"])):
+            for side, extra in (("lm", []), ("torch", None),
+                                ("lm, attention_dropout=0", ["model.attention_dropout=0"])):
                 overrides = recipe + [f"seed={seed}", f"run_dir={tmp}/run{list(sides).index(side)}_{seed}"]
                 cfg = load_config(HERE.parent / CONFIG, overrides + (extra or []))
                 if extra is None:

@@ -25,6 +25,7 @@ from typing import Callable
 # (`lm aot` compiles for TPU topologies without it: lm.tools.aot.tpu_compile.)
 COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join("~", ".cache", "lm", "jax"),
                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
+STEP_HELP = "checkpoint step, or best: the lowest validation loss kept (checkpoint.keep_best); default: newest"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,9 +157,6 @@ def parser() -> argparse.ArgumentParser:
     p = command("info", _info, "Versions, backend and devices, and known version mismatches.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return top
-
-
-STEP_HELP = "checkpoint step, or best: the lowest validation loss kept (checkpoint.keep_best); default: newest"
 
 
 def _step(text: str) -> int | str:
