@@ -2,21 +2,23 @@
 or a whole run timed like `train.py`.
 
 Same architecture (pre-norm GPT: learned positions, LayerNorm without bias, tanh-GELU MLP,
-causal scaled-dot-product attention, tied embeddings, no biases; --dropout on the embeddings
-and both residual branches, as lm's model does), same optimizer (AdamW with warmup + cosine,
-global-norm clipping at 1.0), same batch (12 x 64 byte tokens), float32. For comparing
-tokens/s on one machine:
+causal scaled-dot-product attention, tied embeddings, no biases, nanoGPT's init: std 0.02 and
+0.02 / sqrt(2 x layers) for the two residual projections; --dropout on the embeddings and both
+residual branches, --attention_dropout on the attention probabilities while training: nanoGPT's
+four dropout sites), same optimizer (AdamW with warmup + cosine, global-norm clipping at 1.0),
+same batch (12 x 64 byte tokens), float32. For comparing tokens/s on one machine:
 
     pip install torch==2.13.0   # CPU wheel
     python benchmarks/torch_reference.py --steps 50 --warmup 5
     python -m lm.bench --config configs/shakespeare_cpu.yaml --steps 50 --warmup 5
 
-`--whole_run` trains `--steps` steps on the packaged tinyshakespeare (90/10 split, random
-windows), with nanoGPT's schedule of validation (`--eval_every`, `--eval_batches` batches)
-and checkpoints (`--checkpoint_every`, model and optimizer tensors as safetensors), printing
-the loss like train.py; its wall time is the whole process, imports included
-(benchmarks/vs_torch.py --whole_run times it against train.py). Options set the shape
-(--n_layers, --d_model, --batch_size, --seq_len, ...); --compile uses torch.compile.
+`--whole_run` trains `--steps` steps on the packaged tinyshakespeare or `--text_file` (90/10
+split, random windows; the learning rate decays over those steps), with nanoGPT's schedule of
+validation (`--eval_every`, `--eval_batches` batches) and checkpoints (`--checkpoint_every`,
+model and optimizer tensors as safetensors), printing the loss like train.py; its wall time is
+the whole process, imports included (benchmarks/vs_torch.py --whole_run times it against
+train.py). Options set the shape (--n_layers, --d_model, --batch_size, --seq_len, ...), the
+schedule (--lr, --lr_warmup) and `--seed` (weights, dropout and batches); --compile uses torch.compile.
 
 On a GPU, nanoGPT's way (benchmarks/gpu.sh runs it beside lm at GPT-2 124M's shape):
 
@@ -43,9 +45,10 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool = False):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, attention_dropout: float = 0.0,
+                 bias: bool = False):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.attention_dropout = n_heads, attention_dropout
         self.drop = nn.Dropout(dropout)
         self.attn_norm = nn.LayerNorm(d_model, bias=bias)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -58,23 +61,26 @@ class Block(nn.Module):
         B, T, D = x_BxTxD.shape
         q, k, v = self.qkv(self.attn_norm(x_BxTxD)).split(D, dim=-1)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        attn_BxNxTxH = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attn_BxNxTxH = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                      dropout_p=self.attention_dropout if self.training else 0.0)
         x_BxTxD = x_BxTxD + self.drop(self.out(attn_BxNxTxH.transpose(1, 2).reshape(B, T, D)))
         return x_BxTxD + self.drop(self.down(F.gelu(self.up(self.mlp_norm(x_BxTxD)), approximate="tanh")))
 
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, n_layers: int, d_model: int, n_heads: int, max_seq_len: int,
-                 dropout: float, bias: bool = False):
+                 dropout: float, attention_dropout: float = 0.0, bias: bool = False):
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, d_model)
         self.pos_embed = nn.Embedding(max_seq_len, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, bias) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, attention_dropout, bias)
+                                    for _ in range(n_layers))
         self.final_norm = nn.LayerNorm(d_model, bias=bias)
-        for p in self.parameters():
+        for name, p in self.named_parameters():
             if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
+                residual = name.endswith(("out.weight", "down.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
 
     def forward(self, tokens_BxT):
         positions_T = torch.arange(tokens_BxT.shape[1], device=tokens_BxT.device)
@@ -82,6 +88,9 @@ class GPT(nn.Module):
         for block in self.blocks:
             x_BxTxD = block(x_BxTxD)
         return self.final_norm(x_BxTxD) @ self.token_embed.weight.T  # tied head
+
+
+PACKAGED_TEXT = pathlib.Path(__file__).resolve().parents[1] / "lm" / "data" / "corpora" / "tinyshakespeare.txt"
 
 
 def byte_splits(path: pathlib.Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +106,12 @@ def main() -> None:
     for name, default in (("n_layers", 4), ("d_model", 128), ("n_heads", 4), ("batch_size", 12),
                           ("seq_len", 64), ("vocab_size", 259), ("steps", 50), ("warmup", 5), ("threads", 0),
                           ("grad_accum", 1), ("eval_every", 250), ("eval_batches", 20), ("checkpoint_every", 250),
-                          ("log_every", 50)):
+                          ("log_every", 50), ("seed", 1337), ("lr_warmup", 100)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--attention_dropout", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--text_file", type=pathlib.Path, default=PACKAGED_TEXT, help="--whole_run: the text")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="forward and loss under bf16 autocast")
@@ -111,22 +122,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(1337)
+    torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as nanoGPT
     model = GPT(args.vocab_size, args.n_layers, args.d_model, args.n_heads, args.seq_len, args.dropout,
-                args.bias).to(args.device)
+                args.attention_dropout, args.bias).to(args.device)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.99), eps=1e-8, fused=args.fused_adamw or None)
-    total, warm = max(args.steps, 2000), 100
+    total, warm = (args.steps if args.whole_run else max(args.steps, 2000)), args.lr_warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (
         1 + math.cos(math.pi * min(max(s - warm, 0) / (total - warm), 1.0)))))
     forward = torch.compile(model) if args.compile else model
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     if args.whole_run:
-        text = pathlib.Path(__file__).resolve().parents[1] / "lm" / "data" / "corpora" / "tinyshakespeare.txt"
-        data, val = byte_splits(text)
+        data, val = byte_splits(args.text_file)
     else:
         data = torch.from_numpy(rng.integers(3, args.vocab_size, 1 << 20).astype(np.int64))
 

@@ -46,7 +46,15 @@ def torch_args(cfg) -> list[str]:
                  "no biases, tied embeddings, multi-head attention).")
     return ["--n_layers", str(m.n_layers), "--d_model", str(m.d_model), "--n_heads", str(m.n_heads),
             "--batch_size", str(t.batch_size), "--seq_len", str(t.seq_len), "--dropout", str(m.dropout),
-            "--grad_accum", str(t.grad_accum_steps)]
+            "--attention_dropout", str(m.attention_dropout), "--grad_accum", str(t.grad_accum_steps)]
+
+
+def torch_whole_run_args(cfg) -> list[str]:
+    """torch_reference.py --whole_run with the config's shape, seed, schedule, validation and checkpoints."""
+    t, e, o = cfg.train, cfg.eval, cfg.optim
+    return ["--whole_run", *torch_args(cfg), "--seed", str(cfg.seed), "--steps", str(t.steps), "--lr", str(o.lr),
+            "--lr_warmup", str(o.warmup_steps), "--eval_every", str(e.every), "--eval_batches", str(e.batches),
+            "--checkpoint_every", str(cfg.checkpoint.every), "--log_every", str(cfg.log.every)]
 
 
 def run(command: list[str]) -> tuple[str, float]:
@@ -81,11 +89,7 @@ def step_rounds(args, cfg) -> None:
 
 
 def whole_run_rounds(args, cfg) -> None:
-    t, e = cfg.train, cfg.eval
-    torch_cmd = [sys.executable, str(HERE / "torch_reference.py"), "--whole_run", *torch_args(cfg),
-                 "--steps", str(t.steps), "--lr", str(cfg.optim.lr), "--eval_every", str(e.every),
-                 "--eval_batches", str(e.batches), "--checkpoint_every", str(cfg.checkpoint.every),
-                 "--log_every", str(cfg.log.every)]
+    torch_cmd = [sys.executable, str(HERE / "torch_reference.py"), *torch_whole_run_args(cfg)]
     ours, theirs = [], []
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:

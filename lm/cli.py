@@ -30,6 +30,7 @@ from lm import jsonsafe
 # (`lm aot` compiles for TPU topologies without it: lm.tools.aot.tpu_compile.)
 COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join("~", ".cache", "lm", "jax"),
                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
+STEP_HELP = "checkpoint step, or best: the lowest validation loss kept (checkpoint.keep_best); default: newest"
 
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")  # key=value, as lm.config.parse_overrides reads it
@@ -102,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = command("eval", _eval, "Perplexity and bits-per-byte of a trained run.")
     p.add_argument("--run_dir", required=True, help="directory train.py wrote")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--step", type=_step, help=STEP_HELP)
     p.add_argument("--text_file", help="score this UTF-8 file instead of the validation split")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: seq_len, no overlap)")
     p.add_argument("--split", help="data.source=tfds or mixture: the split to score (default: data.eval_split, "
@@ -126,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="samples decoded together (default 16)")
     p.add_argument("--ignore_eos", action="store_true", help="do not stop at the tokenizer's end-of-text id")
     p.add_argument("--json", action="store_true", help="print one JSON object per sample")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--step", type=_step, help=STEP_HELP)
     p.add_argument("--bench", action="store_true",
                    help="print greedy tokens/s for one prompt and a batch, with and without the KV cache")
 
@@ -142,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(command=_hf_export, parser=p)
     p.add_argument("run_dir")
     p.add_argument("hf_dir")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--step", type=_step, help=STEP_HELP)
 
     p = command("bench", _bench, "Time the train step of a config.",
                 epilog="Example: lm bench --config configs/shakespeare_cpu.yaml --json")
@@ -185,6 +186,27 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _step(text: str) -> int | str:
+    """--step: a step number or 'best'."""
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a step number nor 'best'") from None
+
+
+def _checkpoint_step(args) -> int | None:
+    """args.step with 'best' resolved, saying on stderr which step and validation loss that is."""
+    if args.step != "best":
+        return args.step
+    from lm.training.restore import best_checkpoint
+
+    step, val_loss = best_checkpoint(args.run_dir)
+    print(f"best checkpoint: step {step} (val_loss {val_loss:.4f})", file=sys.stderr, flush=True)
+    return step
+
+
 def _config(args):
     from lm.config import load_config
 
@@ -208,7 +230,7 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from lm.tools.evaluate import evaluate
 
-    result = evaluate(args.run_dir, args.step, args.text_file, args.stride, args.split)
+    result = evaluate(args.run_dir, _checkpoint_step(args), args.text_file, args.stride, args.split)
     if args.json:
         print(jsonsafe.dumps(result))
     else:
@@ -237,7 +259,7 @@ def _generate(args) -> None:
     prompts = read_prompts(args.prompt, args.prompt_file, args.prompts)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     sampling.check()
-    run = restore_run(args.run_dir, args.step, batch_size=1)
+    run = restore_run(args.run_dir, _checkpoint_step(args), batch_size=1)
     if args.bench:
         _generate_bench(args, run, prompts)
         return
@@ -326,7 +348,7 @@ def _hf_import(args) -> None:
 def _hf_export(args) -> None:
     from lm.hf import export_run
 
-    out = export_run(args.run_dir, args.hf_dir, args.step)
+    out = export_run(args.run_dir, args.hf_dir, _checkpoint_step(args))
     print(f"exported {args.run_dir} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 

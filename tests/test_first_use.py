@@ -17,10 +17,9 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 
-from lm import cli, rundir, storage
+from lm import cli, storage
 from lm.config import all_keys, load_config
 from lm.data.tokenizers import BOS_ID, ByteTokenizer
 from lm.errors import LMError
@@ -189,7 +188,7 @@ def test_resuming_at_or_past_train_steps(trained, tmp_path, capsys):
     assert loop.train(load_config(TINY, [f"run_dir={run}", *TRAINED])) == []
     assert f"run_dir '{run}' is already at step 4 = train.steps: nothing to train" in capsys.readouterr().out
     assert (run / "config.yaml").read_bytes() == config
-    with pytest.raises(LMError, match=f"is at step 4, past train.steps=3; raise train.steps above 4"):
+    with pytest.raises(LMError, match="is at step 4, past train.steps=3; raise train.steps above 4"):
         loop.train(load_config(TINY, [f"run_dir={run}", *TRAINED, "train.steps=3"]))
     loop.train(load_config(TINY, [f"run_dir={run}", *TRAINED, "train.steps=5"]))
     assert ("note: the learning rate of step 5 is 0.003 under this config, 0.0003 under the run's config.yaml "

@@ -55,8 +55,8 @@ FAMILIES = {
                 dict(d_head=12, sliding_window=5, sliding_layers="1")),
     "smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", dict(num_hidden_layers=4, no_rope_layer_interval=2),
                 dict(rope_layers="1,0", tie_embeddings=True)),
-    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(num_hidden_layers=2),
-              dict(norm_placement="post", qk_norm="all")),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(num_hidden_layers=2, attention_dropout=0.1),
+              dict(norm_placement="post", qk_norm="all", attention_dropout=0.1)),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
         num_hidden_layers=3, head_dim=16, sliding_window=5, sliding_window_pattern=3, query_pre_attn_scalar=12,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
@@ -175,6 +175,7 @@ def test_export_of_import_reproduces_logits(hf_models, tmp_path, arch):
     out_dir = hf.export_run(run_dir, tmp_path / "exported")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
     assert type(reloaded) is type(reference)
+    assert getattr(reloaded.config, "attention_dropout", None) == getattr(reference.config, "attention_dropout", None)
     tokens_BxT = np.random.RandomState(1).randint(0, reference.config.vocab_size, (2, T))
     assert _relative_error(_torch_logits(reloaded, tokens_BxT), _torch_logits(reference, tokens_BxT)) < TOL
     eos = reloaded.config.eos_token_id

@@ -105,3 +105,7 @@ def test_bench_json_prints_every_field_and_an_honest_mfu(shakespeare, capsys):
                                      "gradient_sum": "compiler's"}  # this process sees one CPU device
     assert "CPU options     1 device(s), passes of <= 1024 tokens, eigen matmuls, fast max/min" in bench.format_table(result)
     assert result["processor"] == processor() and f"processor       {processor()}\n" in bench.format_table(result)
+    assert (result["dtype"], result["attention"]) == ("float32", "xla")  # tiny's auto, resolved on the CPU
+    assert "attention       xla\n" in bench.format_table({**result, "attention_dropout": 0.0})
+    assert "attention       xla with dropout 0.2 on its probabilities\n" in bench.format_table(
+        {**result, "attention_dropout": 0.2})

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -32,9 +33,10 @@ def final_params(run_dir, cfg, step):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shakespeare):
-    """One tiny 30-step run shared by the tests below."""
+    """One tiny 30-step run shared by the tests below, with dropout on (so resuming checks its masks too)."""
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={shakespeare}", f"run_dir={run_dir}"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.text_file={shakespeare}", f"run_dir={run_dir}",
+                                                      "model.dropout=0.1", "model.attention_dropout=0.1"])
     records = train(cfg)
     return cfg, run_dir, records
 
@@ -52,6 +54,8 @@ def test_training_writes_the_run_and_the_loss_falls(trained):
     assert [r["step"] for r in vals] == [15, 30] and vals[-1]["val_loss"] < vals[0]["val_loss"]
     assert Checkpoints(run_dir / "checkpoints", read_only=True).steps() == [20, 30]  # keep=2
     assert load_tokenizer(run_dir).vocab_size == 259
+    saved = load_config(run_dir / "config.yaml").model  # what the user wrote; the runtime resolves it per platform
+    assert (saved.dtype, saved.attention, saved.attention_dropout) == ("auto", "auto", 0.1)
 
 
 def test_resume_continues_exactly(trained, tmp_path):
@@ -108,6 +112,50 @@ def test_eval_scores_every_token_once(trained, tmp_path):
                              for w in windows])
     assert exact["tokens"] == len(ids) - 1 and exact["step"] == 20
     assert exact["loss"] == pytest.approx(losses.mean(), rel=1e-5)
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_and_step_best_picks_it(tiny_config, monkeypatch, capsys):
+    """checkpoint.keep_best: each validation that beats the best so far is checkpointed, and that step is kept
+    beside the newest; --step best evaluates it and says which it is. (Validation losses scripted.)"""
+    import lm.training.loop
+    from lm.cli import main
+    from lm.training.restore import open_run
+
+    scripted = iter([3.0, 2.0, 2.5, 2.8])  # steps 2, 4, 6, 8
+    monkeypatch.setattr(lm.training.loop, "validation_loss", lambda *args: (next(scripted), {}))
+    cfg = tiny_config("train.steps=8", "eval.every=2", "checkpoint.every=100", "checkpoint.keep=1",
+                      "checkpoint.keep_best=true", "log.sample_tokens=0")
+    train(cfg)
+    ckpts = Checkpoints(pathlib.Path(cfg.run_dir) / "checkpoints", read_only=True)
+    assert ckpts.steps() == [4, 8] and ckpts.best() == (4, 2.0) and ckpts.latest() == 8  # 2: saved, then dropped
+    capsys.readouterr()
+    main(["eval", "--run_dir", cfg.run_dir, "--step", "best", "--json"])
+    out = capsys.readouterr()
+    assert out.err == "best checkpoint: step 4 (val_loss 2.0000)\n" and json.loads(out.out)["step"] == 4
+    opened = open_run(cfg.run_dir, "best")  # the Python API's step="best"
+    opened.checkpoints.close()
+    assert opened.step == 4
+
+
+def test_step_best_needs_a_validated_checkpoint(tmp_path, tiny_config, capsys):
+    from lm.cli import main
+    from lm.rundir import save_config
+    from lm.training.step import TrainState
+
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    run.mkdir()
+    save_config(tiny_config(), run)
+    ckpts = Checkpoints(run / "checkpoints", async_save=False)
+    ckpts.save(TrainState(step=np.int32(1), params={"w": np.ones(2)}, opt_state={"m": np.ones(2)}), {"step": 1})
+    ckpts.close()
+    for args in (["eval", "--run_dir", str(run)], ["generate", "--run_dir", str(run), "--prompt", "a"],
+                 ["hf", "export", str(run), str(hf)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args + ["--step", "best"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert err.startswith("error: ") and "keeps no checkpoint saved at a validation step" in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_new_model_flags_train_from_scratch(tiny_config):

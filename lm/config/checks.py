@@ -50,7 +50,8 @@ def validate(c: Config) -> None:
              f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be -1 (auto), 0 (whole) or a token count.")
     _require(t.seq_len <= m.max_seq_len,
              f"train.seq_len={t.seq_len} is above model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len.")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    for key in ("model.dropout", "model.attention_dropout"):
+        _require(0.0 <= flat[key] < 1.0, f"{key}={flat[key]} must be in [0, 1).")
     _require(0.0 < c.data.val_fraction < 1.0, f"data.val_fraction={c.data.val_fraction} must be in (0, 1).")
     _require(c.data.tokenizer != "sentencepiece" or c.data.tokenizer_model or c.data.vocab_size >= 300,
              f"data.vocab_size={c.data.vocab_size} is too small for SentencePiece with byte fallback "

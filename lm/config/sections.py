@@ -48,11 +48,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     use_bias: bool = True
     qkv_bias: bool = False  # biases on the query, key and value projections even when use_bias is false (Qwen2)
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the embeddings and both residual branches
+    attention_dropout: float = 0.0  # on the attention probabilities (nanoGPT's attn_dropout, HF's attention_dropout)
     init_std: float = 0.02
-    dtype: str = "float32"
+    dtype: str = "auto"  # activations; auto: bfloat16 on GPU and TPU, float32 on CPU (resolved by the runtime)
     param_dtype: str = "float32"
-    attention: str = "xla"
+    attention: str = "auto"  # xla, cudnn (GPU), splash (TPU), or auto: the platform's fastest that applies
     splash_block_q: int = 512  # model.attention=splash: query rows per kernel tile (a multiple of 128)
     splash_block_kv: int = 512  # and key columns per tile; both shrink to divide the sequence
     remat: str = "none"
@@ -177,7 +178,8 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 500  # 0: no periodic checkpoints, only at the end (and on SIGTERM / Ctrl-C)
-    keep: int = 3
+    keep: int = 3  # the newest this many are kept
+    keep_best: bool = False  # also keep the lowest validation loss's, saved at every validation that improves on it
     async_save: bool = True
 
 
@@ -236,7 +238,7 @@ CHOICES = {
     "model.mlp": ("gelu", "swiglu", "geglu"),
     "model.position": ("learned", "sinusoidal", "rope"),
     "model.rope_scaling": ("none", "linear", "llama3"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16", "auto"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "splash", "auto"),
     "model.remat": REMAT_POLICIES,

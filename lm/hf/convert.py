@@ -23,7 +23,7 @@ from lm.errors import LMError
 from lm.hf import families, tokenizer_files, weights as hf_weights
 from lm.model.transformer import Transformer
 from lm.training.checkpoint import Checkpoints
-from lm.training.runtime import build, platform_kernels
+from lm.training.runtime import build, platform_kernels, platform_model
 from lm.training.step import TrainState
 
 
@@ -115,8 +115,9 @@ def load(hf_dir: str | pathlib.Path, **model_overrides) -> tuple[Transformer, di
 
     `model_overrides` may change how the model runs (dtype, param_dtype, attention, scan_layers).
     """
-    cfg = dataclasses.replace(read_config(hf_dir), **model_overrides)
-    model = Transformer(cfg, kernels=platform_kernels(cfg, jax.default_backend()))
+    platform = jax.default_backend()
+    cfg = platform_model(dataclasses.replace(read_config(hf_dir), **model_overrides), platform)
+    model = Transformer(cfg, kernels=platform_kernels(cfg, platform))
     return model, jax.tree.map(jnp.asarray, read_params(hf_dir, cfg))
 
 
@@ -167,9 +168,10 @@ def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, override
     return run_dir
 
 
-def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
-    """Writes config.json + model.safetensors that transformers loads, and the run's tokenizer
-    (lm.hf.tokenizer_files)."""
+def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: int | str | None = None) -> pathlib.Path:
+    """Writes config.json + model.safetensors and the run's tokenizer
+    (lm.hf.tokenizer_files) that transformers loads, from the
+    checkpoint at `step` (default newest; "best": the lowest validation loss kept)."""
     from safetensors.numpy import save_file
 
     from lm.training.restore import restore_run

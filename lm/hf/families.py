@@ -20,7 +20,7 @@ from lm.model.layers import rope_frequencies
 GPT2 = "GPT2LMHeadModel"
 SLIDING, FULL = "sliding_attention", "full_attention"
 # Model keys an import may override, and an export ignores: they change how the model runs, not what it computes.
-RUNTIME_KEYS = ("dtype", "param_dtype", "attention", "remat", "scan_layers", "dropout")
+RUNTIME_KEYS = ("dtype", "param_dtype", "attention", "remat", "scan_layers", "dropout", "attention_dropout")
 # The Llama-style body every family below starts from.
 LLAMA_BODY = dict(norm="rmsnorm", mlp="swiglu", position="rope", use_bias=False)
 
@@ -189,7 +189,8 @@ def model_config(hf: dict) -> ModelConfig:
                        d_head=0 if head_dim * n_heads == d else head_dim,
                        max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
                        tie_embeddings=hf.get("tie_word_embeddings", family.tied),
-                       init_std=hf.get("initializer_range", 0.02), **extra)
+                       init_std=hf.get("initializer_range", 0.02),
+                       attention_dropout=float(hf.get("attention_dropout", 0.0)), **extra)
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:
@@ -223,7 +224,8 @@ def _write(family: Family, cfg: ModelConfig) -> dict:
            "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim, "num_hidden_layers": n,
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-           "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, **family.requires}
+           "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+           "attention_dropout": cfg.attention_dropout, **family.requires}
     if family.bias == "shared":
         out.update(attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias)
     if family.local_rope:

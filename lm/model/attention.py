@@ -9,6 +9,7 @@ adds the projections, RoPE and the KV cache.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,7 +19,8 @@ from jax.ad_checkpoint import checkpoint_name
 from lm.config import ModelConfig
 from lm.errors import LMError
 from lm.model import splash
-from lm.model.layers import Kernels, apply_rope, make_norm, normal_init, rope_frequencies, zeros_init
+from lm.model.layers import (Kernels, apply_rope, drop, dropout_seed, make_norm, normal_init, rope_frequencies,
+                             zeros_init)
 
 IMPLEMENTATIONS = ("xla", "cudnn", splash.NAME)
 # Activations a remat policy may keep (lm.model.transformer.REMAT_SAVES): the projections
@@ -27,23 +29,42 @@ QKV_NAMES = ("query", "key", "value")
 ATTENTION_OUT = "attention_out"
 
 
-def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str, seq_len: int = 0) -> str:
+def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str, seq_len: int = 0,
+            dropout: float = 0.0) -> str:
     """The implementation of model.attention=xla|cudnn|splash|auto on `platform` (the runtime's devices).
 
     `auto` picks cuDNN's fused flash attention on a GPU where it applies (bf16/fp16, head
     width a multiple of 8 up to 128, no packed-document mask), splash on a TPU for sequences
-    of whole 128-wide tiles (`seq_len`; 0: unknown), and XLA everywhere else.
+    of whole 128-wide tiles (`seq_len`; 0: unknown), and XLA everywhere else. Only XLA drops
+    attention probabilities: with model.attention_dropout (`dropout`) > 0 `auto` picks it, and
+    an explicit cudnn or splash is refused.
     """
     if name == "cudnn" and platform != "gpu":
         raise LMError(f"model.attention=cudnn needs an NVIDIA GPU but this is {platform}; use auto or xla.")
     if name == splash.NAME and platform != "tpu":
         raise LMError(f"model.attention=splash is a TPU kernel but this is {platform}; use auto or xla.")
+    if dropout and name in ("cudnn", splash.NAME):
+        raise LMError(f"model.attention={name} cannot drop attention probabilities but model.attention_dropout is "
+                      f"{dropout}; set model.attention=auto (XLA attention, which can) or model.attention_dropout=0.")
     if name != "auto":
         return name
+    if dropout:
+        return "xla"
     if platform == "tpu":
         return splash.NAME if seq_len and seq_len % splash.LANES == 0 else "xla"
     fused_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if platform == "gpu" and fused_ok and not packed else "xla"
+
+
+class ProbabilityDropout(NamedTuple):
+    """Dropout on attention probabilities: the `rate`, the seed of its `hashed_bits` mask, and where
+    the scores dropped sit in the whole [T, S] score matrix (`start`: a query block's first query and
+    key; `whole`: (T, S); () for the whole matrix), so a block draws the whole matrix's mask there."""
+
+    rate: float
+    seed_2: jax.Array
+    start: tuple[int, int] = (0, 0)
+    whole: tuple[int, int] = ()
 
 
 def _saveable(x_BxTxNxH: jax.Array, name: str) -> jax.Array:
@@ -54,7 +75,8 @@ def _saveable(x_BxTxNxH: jax.Array, name: str) -> jax.Array:
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool = True,
            window: int | None = None, scale: float | None = None, softcap: float | None = None,
-           segment_ids_BxT=None, implementation: str | splash.Splash = "xla", query_block: int = 0) -> jax.Array:
+           segment_ids_BxT=None, implementation: str | splash.Splash = "xla", query_block: int = 0,
+           dropout: ProbabilityDropout | None = None) -> jax.Array:
     """softmax(scale * q k^T) v over the keys each query may see: [B, T, N, H].
 
     `causal` hides later keys (query i sees keys j <= i); `window` W (with `causal`) also hides
@@ -65,10 +87,12 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
     "cudnn", or a `Splash` (causal only, no `mask_Bx1xTxS`; a batch the mesh cannot split
     evenly falls back to XLA). `query_block` Q > 0 (XLA, causal self-attention of at least 2Q
     positions) takes the queries Q at a time against only the keys they can see, skipping
-    the scores above the diagonal (and before a window).
+    the scores above the diagonal (and before a window). `dropout` (XLA only) drops probabilities.
     """
     if window is not None and not causal:
         raise ValueError("attend: a sliding window needs causal=True (put it in the mask otherwise)")
+    if dropout is not None and implementation != "xla":
+        raise ValueError("attend: only XLA attention drops probabilities (lm.model.attention.resolve picks it)")
     scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(implementation, splash.Splash):
         if not causal or mask_Bx1xTxS is not None:
@@ -82,12 +106,12 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
     T = q_BxTxNxH.shape[1]
     if implementation == "xla" and causal and mask_Bx1xTxS is None and query_block and T >= 2 * query_block:
         return _by_query_blocks(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, query_block, window=window, scale=scale,
-                                softcap=softcap, segment_ids_BxT=segment_ids_BxT)
+                                softcap=softcap, segment_ids_BxT=segment_ids_BxT, dropout=dropout)
     if segment_ids_BxT is not None:
         same_doc_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
         mask_Bx1xTxS = same_doc_Bx1xTxT if mask_Bx1xTxS is None else mask_Bx1xTxS & same_doc_Bx1xTxT
-    if softcap is not None:
-        out_BxTxNxH = _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, softcap)
+    if softcap is not None or dropout is not None:
+        out_BxTxNxH = _explicit(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, softcap, dropout)
     else:
         out_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale, is_causal=causal,
@@ -96,9 +120,10 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
 
 
 def _by_query_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, block: int, *, window, scale, softcap,
-                     segment_ids_BxT) -> jax.Array:
+                     segment_ids_BxT, dropout) -> jax.Array:
     """Causal self-attention computed Q = `block` queries at a time, each block against the keys
-    it can see (from its window's first block to its own last position), with an explicit mask."""
+    it can see (from its window's first block to its own last position), with an explicit mask
+    (and, with `dropout`, the whole score matrix's dropout mask at the block's place)."""
     T = q_BxTxNxH.shape[1]
     out = []
     for start in range(0, T, block):
@@ -110,18 +135,23 @@ def _by_query_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, block: int, *, window, sca
         if segment_ids_BxT is not None:
             mask_Bx1xQxS = mask_Bx1xQxS & (segment_ids_BxT[:, None, start:stop, None]
                                            == segment_ids_BxT[:, None, None, first:stop])
+        block_dropout = None if dropout is None else dropout._replace(start=(start, first), whole=(T, T))
         out.append(attend(q_BxTxNxH[:, start:stop], k_BxTxKxH[:, first:stop], v_BxTxKxH[:, first:stop],
-                          mask_Bx1xQxS, causal=False, scale=scale, softcap=softcap))
+                          mask_Bx1xQxS, causal=False, scale=scale, softcap=softcap, dropout=block_dropout))
     return jnp.concatenate(out, axis=1)
 
 
-def _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, cap) -> jax.Array:
-    """attend's soft-capped logits, spelled out in XLA (jax.nn.dot_product_attention has no cap)."""
+def _explicit(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, scale, cap,
+              dropout: ProbabilityDropout | None) -> jax.Array:
+    """attend spelled out in XLA, for what jax.nn.dot_product_attention cannot do: soft-capped
+    logits (`cap`), dropout on the probabilities (`dropout`)."""
     B, T, N, H = q_BxTxNxH.shape
     S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
-    logits_BxKxGxTxS = cap * jnp.tanh(logits / cap)
+    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                                  preferred_element_type=jnp.float32) * scale
+    if cap is not None:
+        logits_BxKxGxTxS = cap * jnp.tanh(logits_BxKxGxTxS / cap)
     i, j = jnp.arange(T)[:, None], jnp.arange(S)[None, :]
     visible_Bx1x1xTxS = jnp.ones((1, 1, 1, T, S), bool)
     if causal:
@@ -129,8 +159,11 @@ def _softcapped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal, window, s
     if mask_Bx1xTxS is not None:
         visible_Bx1x1xTxS = visible_Bx1x1xTxS & mask_Bx1xTxS[:, :, None]
     logits_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", weights, v_BxSxKxH).reshape(B, T, N, H)
+    weights_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
+    if dropout is not None:  # indexed as [B, N, T, S] (head n = k * G + g), the block placed in the whole
+        weights_BxKxGxTxS = drop(weights_BxKxGxTxS, dropout.rate, dropout.seed_2, (0, 0, 0) + dropout.start,
+                                 (B, K, N // K) + (dropout.whole or (T, S)))
+    return jnp.einsum("bkgts,bskh->btkgh", weights_BxKxGxTxS.astype(v_BxSxKxH.dtype), v_BxSxKxH).reshape(B, T, N, H)
 
 
 class Attention(nn.Module):
@@ -141,13 +174,15 @@ class Attention(nn.Module):
     or over all heads' projection as OLMo 2 does). With `decode=True` keys and values are kept in a
     "cache" collection ([B, S, K, H] plus a write index): each call appends its T positions and
     attends to everything cached so far (within the window), so generating one token costs one
-    position. `model.init` on a [B, S] input sizes it.
+    position. `model.init` on a [B, S] input sizes it. Unless `deterministic`, model.attention_dropout
+    drops attention probabilities (masks drawn from the "dropout" rng, like lm.model.layers.Dropout).
     """
 
     cfg: ModelConfig
     decode: bool = False
     kernels: Kernels = Kernels()
     layer: int = 0
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT=None):
@@ -177,9 +212,12 @@ class Attention(nn.Module):
             k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS = self._extend_cache(k_BxTxKxH, v_BxTxKxH, window)
             out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_1x1xTxS, causal=False, scale=scale)
         else:
+            dropout = None
+            if not self.deterministic and cfg.attention_dropout > 0:
+                dropout = ProbabilityDropout(cfg.attention_dropout, dropout_seed(self))
             out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window=window, scale=scale,
                                  segment_ids_BxT=segment_ids_BxT, implementation=self.kernels.attention,
-                                 query_block=self.kernels.query_block)
+                                 query_block=self.kernels.query_block, dropout=dropout)
         return nn.DenseGeneral(
             x_BxTxD.shape[-1], axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,

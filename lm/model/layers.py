@@ -148,19 +148,42 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def hashed_bits(shape: tuple[int, ...], seed_2: jax.Array) -> jax.Array:
+def hashed_bits(shape: tuple[int, ...], seed_2: jax.Array, start: tuple[int, ...] = (),
+                whole: tuple[int, ...] = ()) -> jax.Array:
     """32 pseudo-random bits per element of `shape`: a hash of (seed, element index).
 
     About a dozen integer operations per element, fused into whatever consumes them, where
     threefry takes about fifty; the index is built from per-axis iotas so a sharded array
-    hashes its own slice without gathering.
+    hashes its own slice without gathering. A block of a larger array (its first element at
+    `start` of an array of shape `whole`) draws exactly that array's bits there. Arrays of
+    2**32 elements or more also hash their leading axes' index, so no two elements share bits.
     """
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
+    start, whole = start or (0,) * len(shape), whole or shape
+    index, trailing, stride = jnp.zeros(shape, jnp.uint32), None, 1
     for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= shape[axis]
-    return _mix32(_mix32(index ^ seed_2[0]) ^ seed_2[1])
+        if stride * whole[axis] > 2**32 and trailing is None:  # the flat index would wrap: count the rest apart
+            trailing, index, stride = index, jnp.zeros(shape, jnp.uint32), 1
+        position = jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + jnp.uint32(start[axis])
+        index = index + position * jnp.uint32(stride)
+        stride *= whole[axis]
+    if trailing is None:
+        return _mix32(_mix32(index ^ seed_2[0]) ^ seed_2[1])
+    return _mix32(_mix32(_mix32(trailing ^ seed_2[0]) ^ seed_2[1]) ^ _mix32(index ^ jnp.uint32(0x9E3779B9)))
+
+
+def dropout_seed(module: nn.Module) -> jax.Array:
+    """Two words of `module`'s "dropout" rng: the seed of its `hashed_bits` masks (a function of
+    the run's seed, step, device and the module's place in the model)."""
+    return jax.random.bits(module.make_rng("dropout"), (2,), jnp.uint32)
+
+
+def drop(x: jax.Array, rate: float, seed_2: jax.Array, start: tuple[int, ...] = (),
+         whole: tuple[int, ...] = ()) -> jax.Array:
+    """Inverted dropout of `x` by the `hashed_bits` mask of `seed_2` (`start`, `whole`: see there):
+    each element zeroed with probability `rate`, the rest scaled by 1 / (1 - rate)."""
+    threshold = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+    keep = hashed_bits(x.shape, seed_2, start, whole) >= threshold
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
 class Dropout(nn.Module):
@@ -177,7 +200,4 @@ class Dropout(nn.Module):
     def __call__(self, x):
         if self.deterministic or self.rate == 0.0:
             return x
-        seed_2 = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-        threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
-        keep = hashed_bits(x.shape, seed_2) >= threshold
-        return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), jnp.zeros((), x.dtype))
+        return drop(x, self.rate, dropout_seed(self))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ class Block(nn.Module):
         cfg = self.cfg
         x_BxTxD = constrain(x_BxTxD, self.activation_sharding)
         drop = Dropout(cfg.dropout, deterministic=self.deterministic)
-        attn = Attention(cfg, self.decode, self.kernels, self.layer, name="attn")
+        attn = Attention(cfg, self.decode, self.kernels, self.layer, self.deterministic, name="attn")
         x_BxTxD = x_BxTxD + drop(self._branch("attn", lambda h: attn(h, positions_BxT, segment_ids_BxT), x_BxTxD))
         mlp = MLP(cfg, self.kernels, name="mlp")
         return x_BxTxD + drop(self._branch("mlp", mlp, x_BxTxD)), None
@@ -99,8 +101,15 @@ class Head(nn.Module):
         return jnp.dot(x_BxTxD, w_DxV)
 
 
+def computed(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` as the model computes it: model.dtype=auto is the runtime's to resolve per platform
+    (lm.training.runtime.platform_model); a model built without the runtime computes it in float32."""
+    return dataclasses.replace(cfg, dtype="float32") if cfg.dtype == "auto" else cfg
+
+
 def head_logits(cfg: ModelConfig, params, x_BxTxD) -> jax.Array:
     """The Transformer's output layer on hidden states from `Transformer(..., head=False)`."""
+    cfg = computed(cfg)
     if cfg.tie_embeddings:
         return Head(cfg).apply({"params": {}}, x_BxTxD, params["token_embed"]["embedding"])
     return Head(cfg).apply({"params": params["head"]}, x_BxTxD)
@@ -126,7 +135,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, deterministic: bool = True,
                  head: bool = True):
-        cfg = self.cfg
+        cfg = computed(self.cfg)
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
 

@@ -107,7 +107,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
                          segment_ids=ones, weights=ones)
         return rt.place_batch(local)
 
-    peak_flops(devices, cfg.model.dtype)  # on CPU: probed before and after the timed steps, best kept
+    dtype = rt.model_cfg.dtype  # model.dtype resolved for the platform
+    peak_flops(devices, dtype)  # on CPU: probed before and after the timed steps, best kept
     state = rt.init(jax.random.key(cfg.seed))
     start = time.perf_counter()
     compiled = rt.train_step.lower(state, batch(0)).compile()
@@ -130,12 +131,14 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, max_seconds: float = fl
     median = float(np.median(times))
     tokens_per_sec = tokens_per_step / median
     flops_per_tok = flops_per_token(cfg.model, cfg.train.seq_len)
-    total_peak, peak_source = peak_flops(devices, cfg.model.dtype, refresh=True)
+    total_peak, peak_source = peak_flops(devices, dtype, refresh=True)
     memory, memory_source = peak_memory(devices)
     return {
         "platform": devices[0].platform, "device_kind": devices[0].device_kind, "n_devices": len(devices),
         "processor": processor(),
-        "dtype": cfg.model.dtype, "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+        "dtype": dtype, "attention": rt.model.kernels.attention_name,
+        "attention_dropout": cfg.model.attention_dropout,
+        "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
         "passes": rt.train_passes,
         "tokens_per_sec": tokens_per_sec, "tokens_per_sec_per_device": tokens_per_sec / len(devices),
         "step_sec_median": median, "step_sec_p10": float(np.percentile(times, 10)),
@@ -156,6 +159,8 @@ def format_table(result: dict) -> str:
 
     rows = [
         ("device", f"{result['n_devices']} x {result['device_kind']} ({result['platform']}), {result['dtype']}"),
+        ("attention", result["attention"] + (f" with dropout {result['attention_dropout']:g} on its probabilities"
+                                             if result["attention_dropout"] else "")),
         ("batch", f"{result['batch_size']} x {result['seq_len']} tokens in {result['passes']} "
                   f"{'pass' if result['passes'] == 1 else 'passes'}"),
         ("tokens/s", f"{result['tokens_per_sec']:,.0f} ({result['tokens_per_sec_per_device']:,.0f} per device)"),

@@ -68,9 +68,10 @@ def _text_batches(cfg, tokenizer, text_file: str | None, stride: int | None, bat
     return _batches(eval_windows(tokens, cfg.train.seq_len, stride), batch_size)
 
 
-def evaluate(run_dir: str, step: int | None = None, text_file: str | None = None,
+def evaluate(run_dir: str, step: int | str | None = None, text_file: str | None = None,
              stride: int | None = None, split: str | None = None) -> dict:
-    """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest).
+    """Scores the run's validation split (or `text_file`) with its checkpoint at `step` (default newest;
+    "best": the lowest validation loss kept, lm.training.restore.open_run).
 
     With data.source=tfds the documents of `split` (default data.eval_split) are packed as
     in training and every token is scored once (`stride` does not apply). With

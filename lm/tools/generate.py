@@ -175,8 +175,9 @@ class Generation:
 
 
 def generate_text(run_dir: str, prompt: str, max_new_tokens: int = 200, sampling: Sampling = Sampling(),
-                  seed: int = 0, step: int | None = None, ignore_eos: bool = False) -> str:
-    """The prompt's continuation by the run's checkpoint at `step` (default newest); also `lm.generate`."""
+                  seed: int = 0, step: int | str | None = None, ignore_eos: bool = False) -> str:
+    """The prompt's continuation by the run's checkpoint at `step` (default newest; "best": the lowest
+    validation loss kept); also `lm.generate`."""
     run = restore_run(run_dir, step, batch_size=1)
     return Generation(run, [prompt], max_new_tokens, sampling, seed, ignore_eos=ignore_eos).run_all()[0].text
 

@@ -1,5 +1,8 @@
 """Orbax checkpoints of a run: `params`, `opt_state` and a JSON `meta` item per step.
 
+The newest `keep` steps are kept; with `keep_best` also the one with the lowest validation
+loss, which Orbax records beside a step saved with one (its `metrics`) and ranks (BestN).
+
 Writes are atomic (Orbax commits a finished step directory by renaming it, or in a gs://
 bucket, where nothing renames, by writing its commit_success.txt last), so an interrupted
 save never leaves a step that restore would read; its leftovers are removed when the run restarts. Meta records fingerprints of params and opt_state,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import pathlib
 import re
 import sys
@@ -33,6 +37,7 @@ from lm.errors import LMError
 from lm.training.step import TrainState
 
 ITEMS = ("params", "opt_state", "meta")
+VAL_LOSS = "val_loss"  # the metric a checkpoint saved at a validation step records
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -56,15 +61,26 @@ def fingerprint(tree) -> str:
     return hashlib.sha256(repr((paths, shapes)).encode() + sums.tobytes()).hexdigest()
 
 
+def _val_loss(metrics: dict) -> float:
+    """A step's rank: its validation loss, or +inf for one saved without (it never ranks best)."""
+    return metrics.get(VAL_LOSS, math.inf)
+
+
 class Checkpoints:
     """The checkpoints directory of one run."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, keep_best: bool = False):
         self.directory = storage.absolute(storage.path(directory, "run_dir"))  # local, or a bucket (tensorstore)
+        policy = None  # read-only: nothing is deleted
+        if not read_only:
+            policy = ocp.checkpoint_managers.LatestN(keep)
+        if keep_best and not read_only:
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, ocp.checkpoint_managers.BestN(
+                get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False)])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
-            save_interval_steps=0 if read_only else 1,
+            preservation_policy=policy, best_fn=_val_loss, best_mode="min", create=not read_only,
+            read_only=read_only, save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
@@ -80,14 +96,24 @@ class Checkpoints:
     def latest(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
-        """Starts writing `state` at step meta['step'] (asynchronously unless disabled)."""
+    def best(self) -> tuple[int, float] | None:
+        """(step, validation loss) of the kept step with the lowest validation loss; None when no kept
+        step was saved with one."""
+        step = self._manager.best_step()
+        metrics = self._manager.metrics(step) if step is not None else None
+        if not metrics or VAL_LOSS not in metrics:
+            return None
+        return int(step), float(metrics[VAL_LOSS])
+
+    def save(self, state: TrainState, meta: dict[str, Any], val_loss: float | None = None) -> None:
+        """Starts writing `state` at step meta['step'] (asynchronously unless disabled), with the
+        step's validation loss when it has one."""
         meta = {**meta, "fingerprints": {"params": fingerprint(state.params),
                                          "opt_state": fingerprint(state.opt_state)}}
-        self._manager.save(int(meta["step"]), force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)))
+        self._manager.save(int(meta["step"]), force=True, metrics={} if val_loss is None else {VAL_LOSS: val_loss},
+                           args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                                                   opt_state=ocp.args.StandardSave(state.opt_state),
+                                                   meta=ocp.args.JsonSave(meta)))
 
     def _restore(self, step: int, expect: dict[str, Any] | None = None, **items):
         """Restores `items` of `step` after checking meta against `expect`, then their fingerprints."""

@@ -6,12 +6,14 @@ too (random windows) or restores its position from the checkpoint (packed docume
 every source of a mixture with the tokens drawn from each so far).
 SIGTERM checkpoints the current step and exits 0, Ctrl-C does too and then raises
 lm.errors.Interrupted; a NaN/Inf step stops the run before anything diverged is
-checkpointed, or is skipped (lm.training.guards).
+checkpointed, or is skipped (lm.training.guards). With checkpoint.keep_best
+every validation that beats the best so far is checkpointed too, and that step is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 
@@ -62,7 +64,8 @@ def train(cfg: Config) -> list[dict]:
             raise Interrupted("interrupted before training started; nothing was written.")
         run_dir = rundir.prepare(cfg)
         ckpts = cleanup.enter_context(contextlib.closing(Checkpoints(
-            run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)))
+            run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+            keep_best=cfg.checkpoint.keep_best)))
         meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
 
         # -- Resume from the newest checkpoint (step 0 is an imported model's weights), or init.
@@ -90,12 +93,13 @@ def train(cfg: Config) -> list[dict]:
 
         # -- Throughput bookkeeping: model FLOPs per token against the devices' peak.
         flops_per_tok = flops_per_token(rt.cfg.model, cfg.train.seq_len)
-        total_peak, _ = peak_flops(list(rt.mesh.devices.flat), cfg.model.dtype)
+        total_peak, _ = peak_flops(list(rt.mesh.devices.flat), rt.model_cfg.dtype)
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         samples = bool(cfg.eval.every and cfg.log.sample_tokens and cfg.log.tensorboard)
         prompt_P = _sample_prompt(rt, data) if samples else None
         records, pending, previous = [], None, None
         last_time, last_step, preempted, done = time.perf_counter(), start, False, start
+        best_val_loss = (ckpts.best() or (None, math.inf))[1]  # the kept checkpoints' lowest
 
         def flush():
             """Logs the pending step's metrics (read from the device only now)."""
@@ -136,6 +140,7 @@ def train(cfg: Config) -> list[dict]:
 
             # -- Validation: nanoGPT's estimate over eval.batches fixed batches (of each source of a
             #    mixture), and a text sample.
+            val_loss = None
             if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
                 flush()
                 watch.check(done)
@@ -149,12 +154,17 @@ def train(cfg: Config) -> list[dict]:
                     log.tensorboard.text("sample", sample_text(rt, state.params, prompt_P, tokenizer), done)
                 last_time = time.perf_counter()
 
-            # -- Checkpoint on schedule, and on preemption (then stop).
+            # -- Checkpoint on schedule, at a new best validation loss (checkpoint.keep_best), and on
+            #    preemption (then stop).
+            improved = val_loss is not None and val_loss < best_val_loss
+            best_val_loss = val_loss if improved else best_val_loss
             preempted = preemption.reached(done)
-            if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps):
+            if preempted or _is_due(done, cfg.checkpoint.every, cfg.train.steps) or (
+                    improved and cfg.checkpoint.keep_best):
                 flush()  # the step's record is logged before its checkpoint
                 watch.check(done)  # never checkpoint a diverged state
-                ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()})
+                ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()},
+                           val_loss=val_loss)
                 log.sync()  # metrics.jsonl in a bucket is uploaded whole (lm.storage.Lines)
             if preempted:
                 break
@@ -231,5 +241,5 @@ def _sample_prompt(rt: Runtime, data) -> np.ndarray:
 
 def sample_text(rt: Runtime, params, prompt_P: np.ndarray, tokenizer) -> str:
     """Decoded prompt + its greedy continuation of log.sample_tokens tokens (with the KV cache)."""
-    continuation = generate(params, rt.cfg.model, prompt_P, rt.cfg.log.sample_tokens, Sampling(temperature=0.0))[0]
+    continuation = generate(params, rt.model_cfg, prompt_P, rt.cfg.log.sample_tokens, Sampling(temperature=0.0))[0]
     return tokenizer.decode(np.concatenate([prompt_P, continuation]).tolist())

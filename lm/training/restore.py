@@ -24,7 +24,7 @@ from lm.training.runtime import Runtime, build
 class RestoredRun:
     """A run's checkpoint, restored: what evaluation, generation and export work from."""
 
-    cfg: config_lib.Config  # with model.vocab_size resolved
+    cfg: config_lib.Config  # with model.vocab_size resolved, and model.dtype as the model runs it (Runtime.model_cfg)
     tokenizer: Tokenizer
     runtime: Runtime
     params: Any
@@ -41,8 +41,31 @@ class OpenRun:
     step: int
 
 
-def open_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: int | None = None) -> OpenRun:
-    """Reads `run_dir`'s config, tokenizer and checkpoint list; picks `step` (default newest).
+BEST = "best"  # the step argument that picks the kept checkpoint with the lowest validation loss
+
+
+def best_step(ckpts: Checkpoints, run_dir: str | pathlib.Path) -> tuple[int, float]:
+    """(step, validation loss) of the run's best kept checkpoint (checkpoint.keep_best), or an LMError."""
+    best = ckpts.best()
+    if best is None:
+        raise LMError(f"'{run_dir}' keeps no checkpoint saved at a validation step, so it has no best; train it "
+                      "with checkpoint.keep_best=true (and eval.every > 0), or pass --step N.")
+    return best
+
+
+def best_checkpoint(run_dir: str | pathlib.Path) -> tuple[int, float]:
+    """`best_step` of the run in `run_dir`, read without building anything."""
+    rundir.read_config(run_dir)  # refuses a directory that holds no run
+    ckpts = Checkpoints(pathlib.Path(run_dir) / rundir.CHECKPOINT_DIR, read_only=True)
+    try:
+        return best_step(ckpts, run_dir)
+    finally:
+        ckpts.close()
+
+
+def open_run(run_dir: str | pathlib.Path, step: int | str | None = None, batch_size: int | None = None) -> OpenRun:
+    """Reads `run_dir`'s config, tokenizer and checkpoint list; picks `step` (default newest; BEST: the
+    kept checkpoint with the lowest validation loss).
 
     The config is laid out data-parallel over all local devices, with the batch (default
     eval.batch_size or train.batch_size) rounded up so every device gets a share (so the CPU
@@ -57,7 +80,10 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: i
     split_cpu(cfg, any_running=True)
     tokenizer = load_tokenizer(run_dir)
     ckpts = Checkpoints(run_dir / rundir.CHECKPOINT_DIR, read_only=True)
-    step = ckpts.latest() if step is None else step
+    if step == BEST:
+        step = best_step(ckpts, run_dir)[0]
+    elif step is None:
+        step = ckpts.latest()
     if step is None:
         raise LMError(f"'{run_dir}' has no checkpoints yet; train it first (python train.py ... run_dir={run_dir}).")
     ways = jax.device_count()
@@ -74,9 +100,11 @@ def load_params(run: OpenRun) -> RestoredRun:
         params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params, expect=expect)
     finally:
         run.checkpoints.close()
-    return RestoredRun(rt.cfg, run.tokenizer, rt, params, run.step)
+    return RestoredRun(dataclasses.replace(rt.cfg, model=rt.model_cfg), run.tokenizer, rt, params, run.step)
 
 
-def restore_run(run_dir: str | pathlib.Path, step: int | None = None, batch_size: int | None = None) -> RestoredRun:
-    """Restores `run_dir`'s checkpoint at `step` (default newest) onto all local devices, data-parallel."""
+def restore_run(run_dir: str | pathlib.Path, step: int | str | None = None,
+                batch_size: int | None = None) -> RestoredRun:
+    """Restores `run_dir`'s checkpoint at `step` (default newest; BEST: see `open_run`) onto all local
+    devices, data-parallel."""
     return load_params(open_run(run_dir, step, batch_size))

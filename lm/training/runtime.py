@@ -50,6 +50,18 @@ def resolve_model(cfg: ModelConfig, tokenizer) -> ModelConfig:
     return cfg
 
 
+# model.dtype=auto: bf16 activations (parameters stay model.param_dtype) where the matrix units
+# run bf16, float32 elsewhere (the CPU).
+AUTO_DTYPE = {"gpu": "bfloat16", "tpu": "bfloat16"}
+
+
+def platform_model(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """`cfg` as the model runs on `platform`: model.dtype=auto resolved (config.yaml and checkpoints keep auto)."""
+    if cfg.dtype != "auto":
+        return cfg
+    return dataclasses.replace(cfg, dtype=AUTO_DTYPE.get(platform, "float32"))
+
+
 # On CPU, causal attention over 128 or more positions runs 64 queries at a time, skipping the
 # masked scores (shakespeare_char, 256 positions: 10 of 16 score blocks computed).
 CPU_QUERY_BLOCK = 64
@@ -62,7 +74,8 @@ def platform_kernels(cfg: ModelConfig, platform: str, packed: bool = False, seq_
     Splash attention (TPU) runs per chip under shard_map over `mesh` (batch over data x fsdp,
     heads over tensor); without a mesh (pmap) on each device's own arrays.
     """
-    name = attention.resolve(cfg.attention, cfg.dtype, cfg.head_dim, packed, platform, seq_len)
+    dtype = platform_model(cfg, platform).dtype
+    name = attention.resolve(cfg.attention, dtype, cfg.head_dim, packed, platform, seq_len, cfg.attention_dropout)
     kind = name
     if name == splash.NAME:
         axes = mesh.shape if mesh is not None else {}
@@ -107,16 +120,25 @@ class Runtime:
     per_device: bool  # the step runs on each device's rows (pmap, or CPU data parallelism under shard_map)
 
     @property
+    def model_cfg(self) -> ModelConfig:
+        """cfg.model as the model runs it: model.dtype resolved for this platform (`platform_model`)."""
+        return self.model.cfg
+
+    @property
     def restore_target(self) -> TrainState:
         return mesh_lib.with_shardings(self.abstract_state, self.state_sharding)
 
     def describe(self) -> str:
-        """One line on where the step runs: devices, mesh axes, parameter count and CPU passes."""
+        """One line on where the step runs: devices, mesh axes, parameter count, compute dtype and
+        attention implementation, and CPU passes."""
         device = self.mesh.devices.flat[0]
         axes = " ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
         n_params = sum(leaf.size for leaf in jax.tree.leaves(self.abstract_state.params))
         line = (f"{self.mesh.size} x {device.device_kind} ({device.platform}) | {self.cfg.parallel.mode} {axes} | "
-                f"{n_params / 1e6:.2f}M parameters")
+                f"{n_params / 1e6:.2f}M parameters | {self.model_cfg.dtype} compute, "
+                f"{self.model.kernels.attention_name} attention")
+        if self.model_cfg.attention_dropout:
+            line += f" with dropout {self.model_cfg.attention_dropout:g}"
         if self.train_passes > 1:
             t = self.cfg.train
             rows = t.batch_size // self.train_passes // mesh_lib.batch_ways(self.mesh)
@@ -174,7 +196,8 @@ def build(cfg: Config, tokenizer, devices=None) -> Runtime:
     per_device = mapped or (platform == "cpu" and 1 < mesh.size == mesh.shape["data"])  # the step sees its own rows
     kernels = platform_kernels(cfg.model, platform, packed=cfg.data.packed, seq_len=cfg.train.seq_len,
                                mesh=None if mapped else mesh)
-    model = Transformer(cfg.model, activation_sharding=None if per_device else batch_sharding, kernels=kernels)
+    model = Transformer(platform_model(cfg.model, platform), activation_sharding=None if per_device else batch_sharding,
+                        kernels=kernels)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     rules = None if mapped else mesh_lib.logical_rules(cfg.model, mesh)
     abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, cfg.train.seq_len)

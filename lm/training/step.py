@@ -141,7 +141,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     if axis_name is not None:
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
         reduce = functools.partial(psum_flat, axis_name=axis_name)
-    use_dropout = model.cfg.dropout > 0
+    use_dropout = model.cfg.dropout > 0 or model.cfg.attention_dropout > 0
 
     def loss_fn(params, micro: Batch, rng: jax.Array):
         losses_BxT = token_losses(params, model, micro, rng if use_dropout else None,
