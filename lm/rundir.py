@@ -28,6 +28,10 @@ METRICS_FILE = "metrics.jsonl"
 PROFILE_DIR = "profile"
 # Config keys a resume must not change: they define the checkpoint's shapes and ids.
 FROZEN_KEYS = ("model", "data.tokenizer")
+# Model keys that change how the model runs, not its parameters: a resume may change them (a run
+# started with model.dtype=float32 continues under the default auto; dropout may be raised).
+RUN_ONLY_MODEL_KEYS = ("dtype", "attention", "splash_block_q", "splash_block_kv", "remat", "dropout",
+                       "attention_dropout")
 
 
 def save_config(cfg: Config, run_dir: str | pathlib.Path) -> None:
@@ -59,13 +63,19 @@ def check_resumable(old: Config, new: Config, run_dir: pathlib.Path) -> None:
     (each source's position is saved under its name; weights may change)."""
     old_flat, new_flat = config_lib.flatten(config_lib.to_dict(old)), config_lib.flatten(config_lib.to_dict(new))
     for key in old_flat:
-        if key.startswith(FROZEN_KEYS) and old_flat[key] != new_flat[key]:
+        if key.startswith(FROZEN_KEYS) and key.removeprefix("model.") not in RUN_ONLY_MODEL_KEYS \
+                and old_flat[key] != new_flat[key]:
             raise LMError(f"run_dir '{run_dir}' holds a run with {key}={old_flat[key]!r} but this config has "
                           f"{new_flat[key]!r}; use the run's config or a new run_dir.")
     if "mixture" in (old.data.source, new.data.source) and old.data.source_names != new.data.source_names:
         raise LMError(f"run_dir '{run_dir}' holds a run on the data.mixture sources {_names(old)} but this config "
                       f"names {_names(new)}; a resume continues each source where it stopped, so use the run's "
                       "source names or a new run_dir.")
+
+
+def restorable(meta: dict) -> dict:
+    """What a checkpoint's meta (its tokenizer and model) must match to be restored: all but RUN_ONLY_MODEL_KEYS."""
+    return {**meta, "model": {k: v for k, v in meta["model"].items() if k not in RUN_ONLY_MODEL_KEYS}}
 
 
 def _names(cfg: Config) -> str:

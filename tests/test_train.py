@@ -58,6 +58,21 @@ def test_training_writes_the_run_and_the_loss_falls(trained):
     assert (saved.dtype, saved.attention, saved.attention_dropout) == ("auto", "auto", 0.1)
 
 
+def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(trained, tmp_path):
+    """A run saved with model.dtype/attention=auto continues under explicit float32/xla and other dropout."""
+    from lm.config import replace
+    from lm.errors import LMError
+
+    cfg, run_dir, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    changed = replace(cfg, run_dir=str(copy), **{"train.steps": 31, "model.dtype": "float32", "model.attention": "xla",
+                                                 "model.dropout": 0.0, "model.attention_dropout": 0.2})
+    assert [r["step"] for r in train(changed) if "loss" in r] == [31]
+    with pytest.raises(LMError, match="holds a run with model.norm_eps=1e-05"):
+        train(replace(changed, **{"train.steps": 32, "model.norm_eps": 1e-6}))
+
+
 def test_resume_continues_exactly(trained, tmp_path):
     cfg, run_dir, _ = trained
     copy = tmp_path / "copy"

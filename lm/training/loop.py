@@ -71,7 +71,7 @@ def train(cfg: Config) -> list[dict]:
         # -- Resume from the newest checkpoint (step 0 is an imported model's weights), or init.
         start, skipped = ckpts.latest(), 0
         if start is not None:
-            state, saved = ckpts.restore_state(start, rt.restore_target, expect=meta)
+            state, saved = ckpts.restore_state(start, rt.restore_target, expect=rundir.restorable(meta))
             state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
             data.restore(saved.get("data"))
             print(f"resumed from {ckpts.directory}/{start}", flush=True)

@@ -97,7 +97,8 @@ def load_params(run: OpenRun) -> RestoredRun:
     rt = build(run.cfg, run.tokenizer)
     expect = {"tokenizer": run.tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
     try:
-        params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params, expect=expect)
+        params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params,
+                                                   expect=rundir.restorable(expect))
     finally:
         run.checkpoints.close()
     return RestoredRun(dataclasses.replace(rt.cfg, model=rt.model_cfg), run.tokenizer, rt, params, run.step)
