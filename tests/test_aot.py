@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -269,3 +271,19 @@ def test_sizes_and_durations_pick_their_unit():
                                                                                 "512 B"]
     assert [aot.duration(s) for s in (3.0441, 0.0125, 0.004, 51.2e-6, 1.6e-6)] == ["3044 ms", "12.5 ms", "4.00 ms",
                                                                                    "51.2 µs", "1.60 µs"]
+
+
+@pytest.mark.slow
+def test_lm_aot_prints_only_its_report():
+    """No libtpu host lookup, CUDA plugin or XLA log lines on stderr, where lm itself chooses the CPU
+    (JAX_PLATFORMS unset, as for users); a tiny step's sizes and times in units that show them."""
+    from tests.conftest import ROOT
+
+    set_here = ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_ACCELERATOR_TYPE",
+                "JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "TF_CPP_MIN_LOG_LEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in set_here}
+    for topology in (TOPOLOGY, "h100:1"):
+        result = subprocess.run([sys.executable, "-m", "lm.aot", "--config", "configs/tiny.yaml", "--topology", topology],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert " MiB of " in result.stdout and "0.00 GiB" not in result.stdout and " 0 ms" not in result.stdout

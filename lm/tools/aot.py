@@ -195,8 +195,9 @@ def format_report(r: dict) -> str:
         + (f" + {r['kernel_flops_per_step']:.3e} in splash kernels (analytic)" if r["kernel_flops_per_step"] else ""),
         f"  step time       {duration(r['estimated_step_s'])} ({r['estimated_tokens_per_s']:,.0f} tokens/s), "
         f"from {r['step_time_source']}; costed from {r['cost_source']}",
-        f"  MFU             {r['estimated_mfu']:.1%} of {r['peak_bf16_flops_per_chip'] / 1e12:.0f} "
-        f"TFLOP/s bf16 per {per} (hardware FLOPs utilisation {r['estimated_hfu']:.1%})",
+        f"  MFU             {'at most ' if r['step_time_source'].startswith('roofline') else ''}"
+        f"{r['estimated_mfu']:.1%} of {r['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per {per} "
+        f"(hardware FLOPs utilisation {r['estimated_hfu']:.1%})",
     ]
     lines += [f"  to fit: {s}" for s in r["suggestions"]]
     return "\n".join(lines)
