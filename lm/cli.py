@@ -302,6 +302,9 @@ def _bench(args) -> None:
 
 def _aot(args) -> None:
     from lm.errors import LMError
+    from lm.tools import accelerators
+
+    accelerators.quiet()  # before JAX is imported
     from lm.tools.aot import analyse, format_report
     from lm.tools.fit import fit, format_fit
 

@@ -100,13 +100,19 @@ def _tpu_devices(generation: str, shape: str) -> list:
                       "e.g. v5e:2x2, v5e:2x4, v4:2x2x1.") from None
 
 
+def quiet() -> None:
+    """No device is touched: skip the CUDA plugin's check of a CUDA installation, and leave out
+    XLA's warnings (e.g. that it cannot rematerialise a step below a GPU's memory; the report
+    says whether it fits). Best called before JAX starts, which reads its log level once."""
+    for variable, value in (("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1"), ("TF_CPP_MIN_LOG_LEVEL", "2")):
+        os.environ.setdefault(variable, value)
+
+
 def _gpu_devices(name: str, hosts: int, per_host: int) -> list:
     if importlib.util.find_spec("jax_plugins.xla_cuda13") is None or importlib.util.find_spec("nvidia.cudnn") is None:
         raise LMError(f"compiling for a GPU needs jax's CUDA plugin and cuDNN, which are not installed; run "
                       f"`{EXTRA['gpu']}` (jax-cuda13-plugin of your jax's version, nvidia-cudnn-cu13).")
-    # No GPU is touched: skip the plugin's check of a CUDA installation, and XLA's log lines.
-    for variable, value in (("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1"), ("TF_CPP_MIN_LOG_LEVEL", "2")):
-        os.environ.setdefault(variable, value)
+    quiet()
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(name),

@@ -162,9 +162,10 @@ def gpu_memory(devices, given: int | None = None) -> int | None:
     if given:
         return given
     try:
-        return int(devices[0].memory_stats()["bytes_limit"])
-    except Exception:  # an abstract device has no memory statistics
+        stats = devices[0].memory_stats()
+    except jax.errors.JaxRuntimeError:  # a compile-only device has no memory statistics
         return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
 def build(cfg: Config, tokenizer, devices=None, device_memory: int | None = None) -> Runtime:
