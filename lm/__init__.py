@@ -27,12 +27,12 @@ __version__ = "0.1.0"
 
 
 def _start_on_cpu_without_accelerators() -> None:
-    """With libtpu installed (the `tpu` extra) on a machine with no TPU chip and no GPU, JAX's
-    TPU probe makes libtpu print errors before it falls back to the CPU; start on the CPU
-    directly. A TPU VM (TPU chips on the PCI bus), a GPU host and an explicit JAX_PLATFORMS
-    are left alone, and so is a JAX already imported (it has read its platforms)."""
+    """With libtpu (the `tpu` extra) or jax's CUDA plugin (the `gpu-aot` extra) installed on a
+    machine with no TPU chip and no GPU, JAX's probes print errors before it falls back to the
+    CPU; start on the CPU directly. A TPU VM (TPU chips on the PCI bus), a GPU host and an
+    explicit JAX_PLATFORMS are left alone, and so is a JAX already imported (it has read its platforms)."""
     if os.environ.get("JAX_PLATFORMS") or "jax" in sys.modules \
-            or importlib.util.find_spec("libtpu") is None:
+            or not any(importlib.util.find_spec(name) for name in ("libtpu", "jax_plugins")):
         return
     tpu_chips = [path for path in glob.glob("/sys/bus/pci/devices/*/vendor")
                  if open(path).read().strip() == "0x1ae0"]  # Google's PCI vendor id

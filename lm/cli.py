@@ -27,7 +27,7 @@ from lm import jsonsafe
 
 # JAX's persistent compilation cache, on for every command: a second run of a config skips its
 # compiles. JAX_COMPILATION_CACHE_DIR moves it; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
-# (`lm aot` compiles for TPU topologies without it: lm.tools.aot.tpu_compile.)
+# (`lm aot` compiles for TPU and GPU topologies without it: lm.tools.accelerators.deviceless_compile.)
 COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join("~", ".cache", "lm", "jax"),
                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
 STEP_HELP = "checkpoint step, or best: the lowest validation loss kept (checkpoint.keep_best); default: newest"
@@ -154,11 +154,13 @@ def parser() -> argparse.ArgumentParser:
                    help="stop timing after this many seconds of steps, once 3 are timed (default 120)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = command("aot", _aot, "Compile the train step for a TPU topology on this machine and report HBM per "
-                "chip, FLOPs, the compiler's step-time estimate and the MFU it implies.",
-                epilog="Example: lm aot --config configs/llama_1b.yaml --topology v5e:2x4")
+    p = command("aot", _aot, "Compile the train step for a TPU slice or GPU host on this machine and report "
+                "memory per device beside the counted floor, FLOPs, a step-time estimate and the MFU it implies; "
+                "exit code 1 when it does not fit.",
+                epilog="Example: lm aot --config configs/llama_1b.yaml --topology v5e:2x4 (or h100:8)")
     config_args(p)
-    p.add_argument("--topology", required=True, help="e.g. v5e:2x4 (v5e-8), v6e:2x4, v4:2x2x1 (v4-8), v5p:2x2x1")
+    p.add_argument("--topology", required=True, help="TPU: v5e:2x4 (v5e-8), v6e:2x4, v4:2x2x1 (v4-8), v5p:2x2x1; "
+                   "GPU (a100, a100-40g, h100, h200): h100:8 (one host of 8), h100:2x8 (two hosts of 8)")
     p.add_argument("--fit", action="store_true", help="search train.grad_accum_steps, model.remat and the "
                    "data/fsdp split for the fitting layout with the best estimated step time; print it as "
                    "key=value overrides (--json: a list under 'overrides')")
@@ -361,20 +363,22 @@ def _bench(args) -> None:
 
 def _aot(args) -> None:
     from lm.errors import LMError
+    from lm.tools import accelerators
+
+    accelerators.quiet()  # before JAX is imported
     from lm.tools.aot import analyse, format_report
     from lm.tools.fit import fit, format_fit
 
     if not args.fit:
         report = analyse(_config(args), args.topology)
-        print(jsonsafe.dumps(report) if args.json else format_report(report))
-        return
-    result = fit(_config(args), args.topology)
-    if args.json:
-        print(jsonsafe.dumps(result))
-    elif not result["fits"]:
-        raise LMError(format_fit(result))
+        print(jsonsafe.dumps(report) if args.json else format_report(report), flush=True)
     else:
-        print(format_fit(result))
+        report = fit(_config(args), args.topology)
+        if not (args.json or report["fits"]):
+            raise LMError(format_fit(report))
+        print(jsonsafe.dumps(report) if args.json else format_fit(report), flush=True)
+    if not report["fits"]:
+        sys.exit(1)
 
 
 def _plot(args) -> None:

@@ -74,6 +74,18 @@ def test_processor_names_model_family_and_vector_width_of_the_first_cpu(tmp_path
     assert info.processor(str(path)) == expected
 
 
+def test_info_names_the_extras_lm_aot_needs():
+    assert info.aot_targets(versions()) == {"tpu": False, "gpu": False}
+    gpu = versions(**{"jax-cuda13-plugin": "0.10.2", "nvidia-cudnn-cu13": "9.28.1.4"})
+    assert info.aot_targets(gpu) == {"tpu": False, "gpu": True}
+    assert not info.aot_targets({**gpu, "jax-cuda13-plugin": "0.10.1"})["gpu"]  # another jax's plugin
+    assert not info.aot_targets({**gpu, "nvidia-cudnn-cu13": None})["gpu"]
+    line = info.format_info({"lm": "0.1.0", "python": "3.12", "machine": "Linux", "processor": "cpu", "cores": 2,
+                             "versions": versions(libtpu="0.0.42"), "aot": {"tpu": True, "gpu": False},
+                             "warnings": [], "backend": None, "backend_error": "none"}).splitlines()[3]
+    assert line == "lm aot: TPU topologies yes, GPU topologies no (pip install -e '.[gpu-aot]')"
+
+
 def test_processor_without_cpuinfo_falls_back_to_platform(tmp_path):
     assert info.processor(str(tmp_path / "absent")) == (platform.processor() or platform.machine())
 

@@ -25,6 +25,13 @@ def test_chunk_count():
     tokens = loss_chunk_tokens(-1, 50257)
     assert tokens == AUTO_LOSS_CHUNK_BYTES // (4 * 50257) and loss_chunks(8, 1024, tokens) == 8
     assert loss_chunk_tokens(0, 50257) == 0 and loss_chunk_tokens(512, 50257) == 512
+    # Where the device's memory is known (a GPU) the loss stays whole while its float32 logits take at most
+    # an eighth of it: gpt2_124m at 32 x 1024 (6.1 GiB) on an H200's 105 GiB pool, not at 256 x 1024.
+    pool = int(0.75 * 150754820096)
+    assert loss_chunk_tokens(-1, 50304, 32 * 1024, pool) == 0
+    assert loss_chunk_tokens(-1, 50304, 256 * 1024, pool) == AUTO_LOSS_CHUNK_BYTES // (4 * 50304)
+    assert loss_chunk_tokens(-1, 50304, 32 * 1024, None) == AUTO_LOSS_CHUNK_BYTES // (4 * 50304)
+    assert loss_chunk_tokens(2048, 50304, 32 * 1024, pool) == 2048  # an explicit setting stands
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -1,4 +1,7 @@
+import collections
+import contextlib
 import dataclasses
+import io
 import re
 
 import flax.linen as nn
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 
 from lm.config import ModelConfig
+from lm.model.layers import Kernels
 from lm.model.transformer import Transformer, count_params
 from lm.training.step import init_params
 
@@ -121,6 +125,42 @@ def test_named_remat_policies_save_their_activations(remat, saved, capsys):
     assert set(names) == saved and len(names) == len(saved) * BASE.n_layers
     grads = [jax.jit(jax.grad(loss(m)))(params) for m in (model, remat_model)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
+
+
+def _block_residuals(cfg: ModelConfig, kernels: Kernels) -> collections.Counter:
+    """What one block keeps for the backward pass: the residuals of 2 layers less those of 1 (parameters aside)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    kept = []
+    for n_layers in (2, 1):
+        layers_cfg = dataclasses.replace(cfg, n_layers=n_layers)
+        params = init_params(Transformer(layers_cfg), jax.random.key(0), 8)
+        model = Transformer(layers_cfg, kernels=kernels)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda p: model.apply({"params": p}, tokens(2, 16)).astype(jnp.float32).std(), params)
+        kept.append(collections.Counter(re.sub(r" from (/|a constant).*", "", line) for line in out.getvalue().splitlines()
+                                        if "from the argument" not in line and "from a constant" not in line))
+    return kept[0] - kept[1]
+
+
+@pytest.mark.parametrize("variant,norms", [("llama", 2), ("gemma3_style", 6)])  # sandwich norms and q/k norms: 4 + 2
+def test_without_remat_a_fused_attention_keeps_only_the_floor(variant, norms):
+    """model.remat=none with cuDNN's attention (traced here, not run) keeps per block every norm's
+    input, q, k, v, the kernel's output and statistics, and the feed-forward's gate, up and product,
+    in bf16: no float32 copies, nothing twice (lm.observe.memory counts the same)."""
+    cfg = dataclasses.replace(BASE, **VARIANTS[variant], dtype="bfloat16", max_seq_len=16)
+    kept = _block_residuals(cfg, Kernels(attention="cudnn"))
+    norm_shapes = {"llama": ["bf16[2,16,32]"] * 2, "gemma3_style": ["bf16[2,16,32]"] * 4 + ["bf16[2,16,4,8]"] * 2}
+    expected = collections.Counter(f"{shape} named 'norm_input'" for shape in norm_shapes[variant])
+    k = cfg.kv_heads * cfg.head_dim
+    expected.update(["bf16[2,16,32] named 'query'", f"bf16[2,16,{k}] named 'key'", f"bf16[2,16,{k}] named 'value'",
+                     "bf16[2,16,4,8] output of dot_product_attention_fwd_wrapper",
+                     "f32[2,4,16] output of dot_product_attention_fwd_wrapper"]
+                    + [f"bf16[2,16,128] named '{name}'" for name in ("mlp_gate", "mlp_up", "mlp_hidden")])
+    assert sum(expected.values()) == norms + 8 and kept == expected
+    if variant == "llama":  # XLA's attention keeps its probabilities, which no policy names: left as it was
+        assert any("f32" in residual for residual in _block_residuals(cfg, Kernels(attention="xla")))
 
 
 def test_segments_do_not_attend_across_documents():

@@ -89,6 +89,22 @@ def test_transformer_with_splash_matches_xla():
     np.testing.assert_allclose(logits["splash"], logits["xla"], atol=2e-5, rtol=0)
 
 
+def test_a_block_keeping_only_its_floor_has_the_gradients_of_one_keeping_everything():
+    """model.remat=none with a fused kernel keeps only the floor (lm.model.transformer.FLOOR_SAVES) and
+    recomputes norms, RoPE and the SwiGLU's activation in the backward pass: the same gradients as
+    XLA's attention, which keeps everything."""
+    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=128, n_heads=2, n_kv_heads=1, max_seq_len=T, position="rope",
+                      norm="rmsnorm", mlp="swiglu", use_bias=False, init_std=0.1)
+    params = init_params(Transformer(cfg), jax.random.key(0), 8)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, T)))
+
+    def grads(impl):
+        model = Transformer(cfg, kernels=Kernels(attention=impl))
+        return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens, None, PACKED).std()))(params)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), grads(kernel()), grads("xla"))
+
+
 def test_uneven_batches_and_tiles():
     """A batch the mesh cannot split (initialisation's one row) goes to XLA; tiles shrink to divide T."""
     spec = dataclasses.replace(kernel(), mesh=jax.sharding.AbstractMesh((2, 1, 1), AXES))  # data=2

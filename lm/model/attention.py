@@ -19,14 +19,18 @@ from jax.ad_checkpoint import checkpoint_name
 from lm.config import ModelConfig
 from lm.errors import LMError
 from lm.model import splash
-from lm.model.layers import (Kernels, apply_rope, drop, dropout_seed, make_norm, normal_init, rope_frequencies,
-                             zeros_init)
+from lm.model.layers import (Kernels, apply_rope, drop, dropout_seed, make_norm, norm_saved, normal_init,
+                             rope_frequencies, zeros_init)
 
 IMPLEMENTATIONS = ("xla", "cudnn", splash.NAME)
 # Activations a remat policy may keep (lm.model.transformer.REMAT_SAVES): the projections
 # after RoPE, and attend's output (splash: the kernel's output and log-sum-exp).
 QKV_NAMES = ("query", "key", "value")
 ATTENTION_OUT = "attention_out"
+# cuDNN's fused attention keeps its output and softmax statistics for the backward pass as the
+# outputs of this JAX primitive, which carry no checkpoint name: policies saving ATTENTION_OUT
+# save them (lm.model.transformer.saving), or a remat'd block would run the kernel's forward again.
+CUDNN_FORWARD = "dot_product_attention_fwd_wrapper"
 
 
 def resolve(name: str, dtype, head_dim: int, packed: bool, platform: str, seq_len: int = 0,
@@ -116,6 +120,8 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=None, *, causal: bool =
         out_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=scale, is_causal=causal,
             local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+    if implementation == "cudnn":  # saved as the kernel's own outputs (CUDNN_FORWARD): named, they would be kept twice
+        return out_BxTxNxH
     return _saveable(out_BxTxNxH, ATTENTION_OUT)
 
 
@@ -227,10 +233,10 @@ class Attention(nn.Module):
     def _qk_norm(self, x_BxTxNxH, name: str):
         """model.qk_norm of queries or keys: per head (over H), over all heads (N x H), or none."""
         if self.cfg.qk_norm == "head":
-            return make_norm(self.cfg, name)(x_BxTxNxH)
+            return norm_saved(self.cfg, name, x_BxTxNxH)
         if self.cfg.qk_norm == "all":
             flat_BxTxNH = x_BxTxNxH.reshape(x_BxTxNxH.shape[:2] + (-1,))
-            return make_norm(self.cfg, name)(flat_BxTxNH).reshape(x_BxTxNxH.shape)
+            return norm_saved(self.cfg, name, flat_BxTxNH).reshape(x_BxTxNxH.shape)
         return x_BxTxNxH
 
     def _extend_cache(self, k_BxTxKxH, v_BxTxKxH, window: int | None):

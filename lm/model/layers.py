@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lm.config import ModelConfig
 from lm.model.splash import Splash
@@ -105,12 +106,23 @@ class RMSNorm(nn.Module):
         return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
 
 
+# Activations a remat policy may keep (lm.model.transformer): every norm's input, and the
+# feed-forward's projections (gated: gate and up) and the hidden activation the down projection reads.
+NORM_INPUT = "norm_input"
+MLP_GATE, MLP_UP, MLP_HIDDEN = "mlp_gate", "mlp_up", "mlp_hidden"
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     """LayerNorm (optionally without bias) or RMSNorm (scale, or 1 + scale); statistics in float32."""
     if cfg.norm != "layernorm":
         return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, plus_one=cfg.norm == "rmsnorm_plus_one", name=name)
     return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.use_bias,
                         scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)), name=name)
+
+
+def norm_saved(cfg: ModelConfig, name: str, x):
+    """make_norm(cfg, name) applied to x, its input named for remat policies (NORM_INPUT)."""
+    return make_norm(cfg, name)(checkpoint_name(x, NORM_INPUT))
 
 
 class MLP(nn.Module):
@@ -128,13 +140,14 @@ class MLP(nn.Module):
                             kernel_init=normal_init(std, names), bias_init=zeros_init(names[-1:]),
                             dot_general=self.kernels.dot_general, name=name)
 
-        up = dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "up")
+        up_BxTxF = checkpoint_name(dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "up")(x_BxTxD), MLP_UP)
         if cfg.mlp in ("swiglu", "geglu"):
-            gate_BxTxF = dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "gate")(x_BxTxD)
+            gate_BxTxF = checkpoint_name(dense(cfg.ff_dim, ("embed", "mlp"), cfg.init_std, "gate")(x_BxTxD), MLP_GATE)
             act = nn.silu if cfg.mlp == "swiglu" else functools.partial(nn.gelu, approximate=True)
-            h_BxTxF = act(gate_BxTxF) * up(x_BxTxD)
+            h_BxTxF = act(gate_BxTxF) * up_BxTxF
         else:
-            h_BxTxF = nn.gelu(up(x_BxTxD), approximate=True)
+            h_BxTxF = nn.gelu(up_BxTxF, approximate=True)
+        h_BxTxF = checkpoint_name(h_BxTxF, MLP_HIDDEN)
         down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return dense(x_BxTxD.shape[-1], ("mlp", "embed"), down_std, "down")(h_BxTxF)
 

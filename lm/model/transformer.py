@@ -10,8 +10,9 @@ import jax.numpy as jnp
 
 from lm.config import ModelConfig
 from lm.errors import LMError
-from lm.model.attention import ATTENTION_OUT, QKV_NAMES, Attention
-from lm.model.layers import MLP, Dropout, Kernels, make_norm, normal_init, sinusoidal_BxTxD
+from lm.model.attention import ATTENTION_OUT, CUDNN_FORWARD, QKV_NAMES, Attention
+from lm.model.layers import (MLP, MLP_GATE, MLP_HIDDEN, MLP_UP, NORM_INPUT, Dropout, Kernels, make_norm, norm_saved,
+                             normal_init, sinusoidal_BxTxD)
 
 
 class Block(nn.Module):
@@ -40,10 +41,10 @@ class Block(nn.Module):
         """f with the norms model.norm_placement puts around it (named NAME_norm before, NAME_post_norm after)."""
         placement = self.cfg.norm_placement
         if placement != "post":
-            x_BxTxD = make_norm(self.cfg, f"{name}_norm")(x_BxTxD)
+            x_BxTxD = norm_saved(self.cfg, f"{name}_norm", x_BxTxD)
         h_BxTxD = f(x_BxTxD)
         if placement != "pre":
-            h_BxTxD = make_norm(self.cfg, f"{name}_post_norm")(h_BxTxD)
+            h_BxTxD = norm_saved(self.cfg, f"{name}_post_norm", h_BxTxD)
         return h_BxTxD
 
 
@@ -61,21 +62,38 @@ def constrain(x_BxTxD: jax.Array, sharding: jax.sharding.Sharding | None) -> jax
     return jax.lax.with_sharding_constraint(x_BxTxD, sharding)
 
 
-# model.remat policies of our own: the named activations (lm.model.attention) a block keeps for
-# its backward pass; everything else in the block is recomputed.
+# model.remat policies of our own: the named activations (lm.model.attention, lm.model.layers) a
+# block keeps for its backward pass; everything else in the block is recomputed.
 REMAT_SAVES = {
     "save_qkv": QKV_NAMES,
     "save_qkv_attn": QKV_NAMES + (ATTENTION_OUT,),
 }
+# All a block's backward pass needs that is costly to recompute: every norm's input, q, k, v, the
+# attention output and statistics, the feed-forward's projections and hidden activation. Norms,
+# RoPE, activation functions and dtype casts are recomputed from these (elementwise work).
+FLOOR_SAVES = (NORM_INPUT,) + QKV_NAMES + (ATTENTION_OUT, MLP_GATE, MLP_UP, MLP_HIDDEN)
+FUSED_ATTENTION = ("cudnn", "splash")  # whose saved values are named (XLA's attention keeps unnamed probabilities)
 
 
-def _block_class(cfg: ModelConfig) -> type[nn.Module]:
+def saving(names: tuple[str, ...]):
+    """The checkpoint policy keeping `names` (with ATTENTION_OUT: cuDNN attention's saved outputs too)."""
+    by_name = jax.checkpoint_policies.save_only_these_names(*names)
+    if ATTENTION_OUT not in names:
+        return by_name
+    return lambda prim, *args, **params: by_name(prim, *args, **params) or prim.name == CUDNN_FORWARD
+
+
+def _block_class(cfg: ModelConfig, kernels: Kernels) -> type[nn.Module]:
+    """Block under cfg.remat. With a fused attention kernel, model.remat=none keeps FLOOR_SAVES
+    only: no float32 copies of bf16 activations, nothing kept twice."""
     if cfg.remat == "none":
-        return Block
-    if cfg.remat == "block":
+        if kernels.attention_name not in FUSED_ATTENTION:
+            return Block
+        policy = saving(FLOOR_SAVES)
+    elif cfg.remat == "block":
         policy = None
     elif cfg.remat in REMAT_SAVES:
-        policy = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[cfg.remat])
+        policy = saving(REMAT_SAVES[cfg.remat])
     else:
         policy = getattr(jax.checkpoint_policies, cfg.remat)
     return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
@@ -153,7 +171,7 @@ class Transformer(nn.Module):
         x_BxTxD = Dropout(cfg.dropout, deterministic=deterministic)(x_BxTxD)
         block_args = (cfg, deterministic, self.decode, self.activation_sharding, self.kernels)
 
-        block = _block_class(cfg)
+        block = _block_class(cfg, self.kernels)
         if cfg.scan_layers:
             if not cfg.uniform_layers:  # validate() says so for configs; this guards hand-built ones
                 raise LMError("model.scan_layers=true needs identical blocks (same window and RoPE); "

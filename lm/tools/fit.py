@@ -1,4 +1,4 @@
-"""`lm aot --fit`: search the micro-batch, remat policy and data/fsdp split that fit a TPU topology.
+"""`lm aot --fit`: search the micro-batch, remat policy and data/fsdp split that fit a TPU or GPU topology.
 
 Candidates are compiled for the topology (lm.tools.aot) cheapest first: remat tiers from the
 least recomputation up; within a tier each data/fsdp split (data parallelism first: no weight
@@ -12,7 +12,7 @@ from __future__ import annotations
 from lm.config import Config, replace
 from lm.errors import LMError
 from lm.parallel.mesh import mesh_shape
-from lm.tools import aot
+from lm.tools import accelerators, aot
 
 REMAT_TIERS = ("none", "save_qkv_attn", "save_qkv", "block")  # least recomputation first
 
@@ -42,7 +42,7 @@ def fit(cfg: Config, topology: str) -> dict:
     """The fitting layout with the best estimated step time: its `aot.analyse` report plus
     `overrides` (key=value strings) and every `candidates` tried; or, when nothing fits,
     `fits` False and the `closest` candidate."""
-    chip, devices = aot.topology_devices(topology)
+    chip, devices = accelerators.topology_devices(topology)
     n = len(devices)
     ways = n // mesh_shape(cfg.parallel, n)[2]
     tried, fitting = [], []
@@ -55,14 +55,14 @@ def fit(cfg: Config, topology: str) -> dict:
                 candidate = {"train.grad_accum_steps": accum, "model.remat": remat, **layout}
                 try:
                     trial = replace(cfg, **candidate)
-                    rt, compiled = aot.compile_step(trial, devices)
+                    rt, compiled = accelerators.compile_step(trial, devices, device_memory=chip.capacity)
                 except LMError:  # a layout this config cannot take (e.g. d_model over fsdp)
                     break
                 except Exception as e:
-                    if not aot.refused(e):
+                    if not accelerators.refused(e):
                         raise
                     tried.append({"overrides": as_overrides(candidate), "fits": False,
-                                  "hbm_needed_bytes": aot.bytes_in(str(e))})  # a lower bound: the compiler's message
+                                  "hbm_needed_bytes": accelerators.bytes_in(str(e))})  # a lower bound: the compiler's message
                     continue
                 memory = aot.memory_report(compiled, chip)
                 tried.append({"overrides": as_overrides(candidate), "fits": memory["fits"],
@@ -76,7 +76,7 @@ def fit(cfg: Config, topology: str) -> dict:
     if not fitting:
         closest = min(tried, key=lambda c: c["hbm_needed_bytes"]) if tried else None
         return {"topology": topology, "fits": False, "overrides": [], "closest": closest, "candidates": tried,
-                "hbm_capacity_bytes": chip.hbm_bytes}
+                "hbm_capacity_bytes": chip.capacity}
     reports = [{**aot.compiled_report(trial, topology, chip, devices, rt, compiled), "overrides": as_overrides(c)}
                for c, trial, rt, compiled in fitting]
     return {**min(reports, key=lambda r: r["estimated_step_s"]), "candidates": tried}
@@ -84,15 +84,14 @@ def fit(cfg: Config, topology: str) -> dict:
 
 def format_fit(r: dict) -> str:
     """Two lines: the verdict, then the overrides to paste after train.py (one line when nothing fits)."""
-    gib = lambda b: f"{b / aot.GIB:.2f} GiB"  # noqa: E731
     if not r["fits"]:
         closest = r["closest"]
         if closest is None:
             return f"nothing fits {r['topology']}: no candidate layout could be built for this config."
         return (f"nothing fits {r['topology']}: the closest, {' '.join(closest['overrides'])}, needs "
-                f"{gib(closest['hbm_needed_bytes'])} of {gib(r['hbm_capacity_bytes'])} per chip "
+                f"{aot.size(closest['hbm_needed_bytes'])} of {aot.size(r['hbm_capacity_bytes'])} per device "
                 f"({len(r['candidates'])} candidates compiled).")
-    return (f"fits {r['topology']} with {gib(r['hbm_needed_bytes'])} of {gib(r['hbm_capacity_bytes'])} per chip, "
-            f"est. step {r['estimated_step_s'] * 1e3:.0f} ms, est. MFU {r['estimated_mfu']:.1%} "
+    return (f"fits {r['topology']} with {aot.size(r['hbm_needed_bytes'])} of {aot.size(r['hbm_capacity_bytes'])} per device, "
+            f"est. step {aot.duration(r['estimated_step_s'])}, est. MFU {r['estimated_mfu']:.1%} "
             f"({len(r['candidates'])} candidates compiled; compiler estimates); add after train.py:\n"
             + " ".join(r["overrides"]))

@@ -16,7 +16,7 @@ from lm import __version__
 
 # Packages whose version a run depends on; the first two pairs must agree with jax's metadata.
 PACKAGES = ("lm", "jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
-            "jax-cuda13-pjrt", "flax", "optax", "orbax-checkpoint", "numpy")
+            "jax-cuda13-pjrt", "nvidia-cudnn-cu13", "flax", "optax", "orbax-checkpoint", "numpy")
 REQUIRERS = ("jax", "jax-cuda12-plugin", "jax-cuda13-plugin")  # whose pins on the others are checked
 ACCELERATOR_EXTRAS = ("tpu", "cuda", "cuda12", "cuda13")  # jax's extras that install a companion package
 CPUINFO = "/proc/cpuinfo"
@@ -96,13 +96,20 @@ def _fix(name: str, jax_version: str) -> str:
     return f"pip install 'jax[{extra}]=={jax_version}'" if extra else f"pip install 'jaxlib=={jax_version}'"
 
 
+def aot_targets(versions: dict[str, str | None]) -> dict[str, bool]:
+    """Which devices `lm aot` can compile for here: TPUs with libtpu (the `tpu` extra), GPUs with
+    jax's CUDA 13 plugin of jax's own version and cuDNN (the `gpu-aot` extra)."""
+    gpu = versions.get("jax-cuda13-plugin") == versions.get("jax") and bool(versions.get("nvidia-cudnn-cu13"))
+    return {"tpu": bool(versions.get("libtpu")), "gpu": gpu}
+
+
 def info() -> dict:
     """Versions, mismatches, and what JAX sees: backend, device kind and counts, processes."""
     versions = installed_versions()
     report = {"lm": versions["lm"], "python": sys.version.split()[0], "machine": f"{platform.system()} "
               f"{platform.machine()}", "processor": processor(),
               "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-              "versions": versions,
+              "versions": versions, "aot": aot_targets(versions),
               "warnings": mismatches(versions, requirements(versions))}
     try:
         import jax
@@ -128,6 +135,9 @@ def format_info(r: dict) -> str:
         f"jax {v['jax']} | jaxlib {v['jaxlib']} | libtpu {v['libtpu'] or 'none'} | CUDA plugin {cuda}",
         f"flax {v['flax']} | optax {v['optax']} | orbax-checkpoint {v['orbax-checkpoint']} | numpy {v['numpy']}",
     ]
+    aot = r["aot"]
+    lines.append("lm aot: TPU topologies " + ("yes" if aot["tpu"] else "no (pip install -e '.[tpu]')")
+                 + ", GPU topologies " + ("yes (gpu-aot extra)" if aot["gpu"] else "no (pip install -e '.[gpu-aot]')"))
     if r.get("backend"):
         lines.append(f"backend {r['backend']}: {r['devices']} x {r['device_kind']} ({r['local_devices']} local), "
                      f"{r['processes']} process(es)")

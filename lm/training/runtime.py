@@ -183,8 +183,26 @@ class Runtime:
         return {"inputs": spec, "targets": spec}
 
 
-def build(cfg: Config, tokenizer, devices=None) -> Runtime:
-    """Lays the config out on `devices` (default: all) and jits init, train and eval steps."""
+def gpu_memory(devices, given: int | None = None) -> int | None:
+    """Bytes a GPU step may use (JAX's memory pool): `given`, or what the device reports; None off GPUs
+    and for devices that cannot tell (compile-only ones)."""
+    if devices[0].platform != "gpu":
+        return None
+    if given:
+        return given
+    try:
+        stats = devices[0].memory_stats()
+    except jax.errors.JaxRuntimeError:  # a compile-only device has no memory statistics
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def build(cfg: Config, tokenizer, devices=None, device_memory: int | None = None) -> Runtime:
+    """Lays the config out on `devices` (default: all) and jits init, train and eval steps.
+
+    `device_memory`: bytes one device may use, for the choices that depend on it (on a GPU, whether
+    the loss is tiled); by default what the devices report (lm aot passes its chip's).
+    """
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, tokenizer))
     devices = list(devices if devices is not None else jax.devices())
     mapped = cfg.parallel.mode == "pmap"
@@ -203,7 +221,9 @@ def build(cfg: Config, tokenizer, devices=None) -> Runtime:
     abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, cfg.train.seq_len)
 
     init = jax.jit(lambda rng: init_state(model, tx, rng, cfg.train.seq_len), out_shardings=state_sharding)
-    loss_tokens = loss_chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size)
+    rows = max(cfg.train.batch_size // passes, cfg.eval.batch_size or cfg.train.batch_size) // ways  # per device, a pass
+    loss_tokens = loss_chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size, rows * cfg.train.seq_len,
+                                    gpu_memory(devices, device_memory))
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, seed=cfg.seed,
                              grad_accum_steps=passes, skip_nonfinite=cfg.train.skip_nonfinite,
                              loss_chunk_tokens=loss_tokens, batch_ways=1 if per_device else ways,
