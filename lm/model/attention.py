@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lm.config import ModelConfig
 from lm.errors import LMError
 from lm.model import splash
-from lm.model.layers import (Kernels, apply_rope, drop, dropout_seed, make_norm, norm_saved, normal_init,
+from lm.model.layers import (Kernels, apply_rope, drop, dropout_seed, norm_saved, normal_init,
                              rope_frequencies, zeros_init)
 
 IMPLEMENTATIONS = ("xla", "cudnn", splash.NAME)
