@@ -80,7 +80,8 @@ def test_scanned_accumulated_step_is_costed_like_the_unrolled_one(reports):
     assert looped["compiler_flops_per_step"] == pytest.approx(unrolled["compiler_flops_per_step"], rel=0.05)
 
 
-OVERSIZED = ("model.vocab_size=65536", "train.batch_size=4096", "train.seq_len=64", "train.loss_chunk_tokens=0")
+OVERSIZED = ("model.vocab_size=65536", "train.batch_size=4096", "train.seq_len=64", "train.loss_chunk_tokens=0",
+             "model.dtype=float32")
 
 
 def test_oversized_config_does_not_fit(shakespeare, capsys):

@@ -185,6 +185,6 @@ def floor_bytes(rt) -> dict[str, int]:
     """The step's activation floor on one device (lm.observe.memory), by part."""
     t = rt.cfg.train
     tokens = t.batch_size // rt.train_passes // batch_ways(rt.mesh) * t.seq_len
-    return activation_floor(rt.cfg.model, tokens, loss_tiling(rt)["loss_chunk_tokens"], tensor=rt.mesh.shape["tensor"])
+    return activation_floor(rt.model_cfg, tokens, loss_tiling(rt)["loss_chunk_tokens"], tensor=rt.mesh.shape["tensor"])
 
 
