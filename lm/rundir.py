@@ -27,8 +27,8 @@ TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 PROFILE_DIR = "profile"
-# Config keys a resume must not change: they define the checkpoint's shapes and ids.
-FROZEN_KEYS = ("model", "data.tokenizer")
+# Config keys a resume must not change: they define the checkpoint's shapes and ids (and its optimizer state).
+FROZEN_KEYS = ("model", "data.tokenizer", "optim.name")
 
 
 def write_atomic(path: str | pathlib.Path, text: str) -> None:
