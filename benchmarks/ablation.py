@@ -3,8 +3,8 @@
     python benchmarks/ablation.py                       # every variant, seeds 1 and 2, runs under /tmp/lm_ablation
     python benchmarks/ablation.py --only base muon --seeds 1 --root /tmp/abl
 
-Each variant is `train.py --config configs/shakespeare_cpu.yaml seed=S OVERRIDES` (the last one is
-configs/shakespeare_modern.yaml), then `eval.py --json` on the whole validation split. It prints one
+Each variant is `train.py --config configs/shakespeare_cpu.yaml seed=S eval.every=200 OVERRIDES` (the last
+one is configs/shakespeare_modern.yaml), then `eval.py --json` on the whole validation split. It prints one
 markdown row per variant: parameters, eval.py loss per seed and their mean, the change against the
 base, and the first in-training validation step at or below --target. Runs are resumable: a finished
 run_dir is only evaluated again.
@@ -40,7 +40,8 @@ def run(name: str, seed: int, root: pathlib.Path) -> dict:
     config, overrides = VARIANTS[name]
     run_dir = root / f"{name.split()[0]}_s{seed}"
     subprocess.run([sys.executable, "train.py", "--config", config, f"run_dir={run_dir}", f"seed={seed}",
-                    "log.tensorboard=false", *overrides], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                    "eval.every=200", "log.tensorboard=false", *overrides], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
     scored = subprocess.run([sys.executable, "eval.py", "--run_dir", str(run_dir), "--json"], cwd=ROOT, check=True,
                             capture_output=True, text=True)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -34,17 +34,27 @@ def _params(cfg):
     return init_params(Transformer(cfg.model), jax.random.key(0), cfg.train.seq_len)
 
 
+def _axes(params) -> dict:
+    """keystr(path) -> the parameter's Muon dimension numbers (None: AdamW's)."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        hidden_matrices(params), is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))[0]
+    return {jax.tree_util.keystr(path): axes for path, axes in leaves}
+
+
 def _config(name: str, *overrides: str):
     return load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, "model.vocab_size=259", f"optim.name={name}",
                                                         *overrides])
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_muon_orthogonalises_each_hidden_matrix_and_leaves_the_rest_to_adamw(scan):
-    """A Muon update of a [D, N, H] or [N, H, D] kernel (per layer when scanned) is one orthogonalised
+def test_muon_orthogonalises_each_hidden_matrix_and_leaves_the_rest_to_adamw():
+    """A Muon update of a [D, N, H] or [N, H, D] kernel, per layer of scanned blocks, is one orthogonalised
     [inputs, outputs] matrix: it shares the gradient's singular vectors. The rest moves as AdamW moves it."""
-    cfg = _config("muon", f"model.scan_layers={str(scan).lower()}", "model.mlp=swiglu")
+    cfg = _config("muon", "model.scan_layers=true", "model.mlp=swiglu")
     params = _params(cfg)
+    unscanned = jax.eval_shape(lambda: _params(replace(cfg, **{"model.scan_layers": False})))
+    per_block = {path.split("]", 1)[1]: axes for path, axes in _axes(unscanned).items() if path.startswith("['block_")}
+    scanned = {path.split("]", 1)[1]: axes for path, axes in _axes(params).items() if path.startswith("['blocks']")}
+    assert per_block == scanned  # axes count from the end: the same matrices with or without a layer axis
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     grads = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
@@ -53,8 +63,7 @@ def test_muon_orthogonalises_each_hidden_matrix_and_leaves_the_rest_to_adamw(sca
     adamw, _ = make_optimizer(replace(cfg, **{"optim.name": "adamw"}).optim, 10)
     adamw_updates, _ = jax.jit(adamw.update)(grads, adamw.init(params), params)
 
-    paths = {jax.tree_util.keystr(p): axes for p, axes in jax.tree_util.tree_flatten_with_path(
-        hidden_matrices(params), is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))[0]}
+    paths = _axes(params)
     flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
     got, grad, theirs = flat(updates), flat(grads), flat(adamw_updates)
     hidden = {p for p, axes in paths.items() if axes is not None}
@@ -64,11 +73,10 @@ def test_muon_orthogonalises_each_hidden_matrix_and_leaves_the_rest_to_adamw(sca
         if path not in hidden:
             np.testing.assert_allclose(got[path], theirs[path], rtol=1e-6, atol=1e-9)
             continue
-        n_in, n_out = (len(np.atleast_1d(axes)) for axes in paths[path])  # the trailing axes, in then out
-        shape = got[path].shape
-        fan_in, fan_out = int(np.prod(shape[-n_in - n_out:-n_out])), int(np.prod(shape[-n_out:]))
-        assert len(shape) - n_in - n_out == int(scan)  # a scanned layer axis is the one batch axis
-        layers_update, layers_grad = (x.reshape(-1, fan_in, fan_out) for x in (got[path], grad[path]))
+        D, NH, F = cfg.model.d_model, cfg.model.n_heads * cfg.model.head_dim, cfg.model.ff_dim
+        fan_in, fan_out = {"query": (D, NH), "key": (D, NH), "value": (D, NH), "out": (NH, D),
+                           "gate": (D, F), "up": (D, F), "down": (F, D)}[path.split("'")[-4]]
+        layers_update, layers_grad = (x.reshape(cfg.model.n_layers, fan_in, fan_out) for x in (got[path], grad[path]))
         for update_IxO, grad_IxO in zip(layers_update, layers_grad):
             u, _, vt = np.linalg.svd(np.asarray(grad_IxO), full_matrices=False)
             inner = u.T @ np.asarray(update_IxO) @ vt.T  # diagonal iff the update keeps the gradient's singular vectors

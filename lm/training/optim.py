@@ -50,12 +50,13 @@ def _matrix_axes(path) -> optax.contrib.MuonDimensionNumbers | None:
 
     Axes count from the end, so a leading layer axis (model.scan_layers) is a batch axis.
     """
-    names = [None, *(getattr(entry, "key", None) for entry in path)]
-    if names[-1] != "kernel" or names[1] == "head":
+    names = [getattr(entry, "key", None) for entry in path]
+    parent = names[-2] if len(names) > 1 else None
+    if names[-1] != "kernel" or names[0] == "head":
         return None
-    if names[-2] in _ATTENTION_IN:
+    if parent in _ATTENTION_IN:
         return optax.contrib.MuonDimensionNumbers(reduction_axis=-3, output_axis=(-2, -1))
-    if names[-2] == _ATTENTION_OUT:
+    if parent == _ATTENTION_OUT:
         return optax.contrib.MuonDimensionNumbers(reduction_axis=(-3, -2), output_axis=-1)
     return optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
 
@@ -79,8 +80,8 @@ def _muon(cfg: OptimConfig, total_steps: int, schedule: optax.Schedule) -> optax
         muon_weight_dimension_numbers=hidden_matrices)  # its own Adam group stays empty
 
     def labels(params):
-        return jax.tree.map(lambda axes: "adamw" if axes is None else "muon", hidden_matrices(params),
-                            is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))
+        return jax.tree_util.tree_map_with_path(lambda path, _: "adamw" if _matrix_axes(path) is None else "muon",
+                                                params)
 
     return optax.partition({"muon": muon, "adamw": _adamw(cfg, schedule)}, labels)
 
