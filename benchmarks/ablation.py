@@ -1,10 +1,10 @@
 """What each modern change buys on the CPU recipe: each alone on shakespeare_cpu, and all together.
 
     python benchmarks/ablation.py                       # every variant, seeds 1 and 2, runs under /tmp/lm_ablation
-    python benchmarks/ablation.py --only base muon --seeds 1 --root /tmp/abl
+    python benchmarks/ablation.py --only base muon all --seeds 1 --root /tmp/abl
 
-Each variant is `train.py --config configs/shakespeare_cpu.yaml seed=S eval.every=200 OVERRIDES` (the last
-one is configs/shakespeare_modern.yaml), then `eval.py --json` on the whole validation split. It prints one
+Each variant is `train.py --config configs/shakespeare_cpu.yaml seed=S eval.every=200 OVERRIDES` (all and
+all_untied: configs/shakespeare_modern.yaml), then `eval.py --json` on the whole validation split. It prints one
 markdown row per variant: parameters, eval.py loss per seed and their mean, the change against the
 base, and the first in-training validation step at or below --target. Runs are resumable: a finished
 run_dir is only evaluated again.
@@ -19,8 +19,10 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # parameters() imports this checkout's lm, as train.py and eval.py run it
 BASE, MODERN = "configs/shakespeare_cpu.yaml", "configs/shakespeare_modern.yaml"
-# name: (config, overrides). The optimizers reset shakespeare_cpu's AdamW-only optim.b2 (0.99) to its default.
+# name: (config, overrides). lion and schedule_free reset shakespeare_cpu's optim.b2 (0.99, AdamW's) to its
+# default, and take the rates that did best in 1000-step runs (docs/benchmarks.md).
 VARIANTS = {
     "base": (BASE, []),
     "rope": (BASE, ["model.position=rope"]),
@@ -29,16 +31,17 @@ VARIANTS = {
     "qk_norm": (BASE, ["model.qk_norm=head"]),
     "untied": (BASE, ["model.tie_embeddings=false"]),
     "muon": (BASE, ["optim.name=muon"]),
-    "lion": (BASE, ["optim.name=lion", "optim.b2=0.95", "optim.lr=3e-4", "optim.weight_decay=1.0"]),
-    "schedule_free": (BASE, ["optim.name=schedule_free_adamw", "optim.b2=0.95"]),
-    "all (shakespeare_modern)": (MODERN, []),
+    "lion": (BASE, ["optim.name=lion", "optim.b2=0.95", "optim.lr=1e-3", "optim.weight_decay=0.3"]),
+    "schedule_free": (BASE, ["optim.name=schedule_free_adamw", "optim.b2=0.95", "optim.lr=1e-2"]),
+    "all": (MODERN, []),
+    "all_untied": (MODERN, ["model.tie_embeddings=false"]),
 }
 
 
 def run(name: str, seed: int, root: pathlib.Path) -> dict:
     """Trains (or resumes) one variant and seed, then scores its whole validation split."""
     config, overrides = VARIANTS[name]
-    run_dir = root / f"{name.split()[0]}_s{seed}"
+    run_dir = root / f"{name}_s{seed}"
     subprocess.run([sys.executable, "train.py", "--config", config, f"run_dir={run_dir}", f"seed={seed}",
                     "eval.every=200", "log.tensorboard=false", *overrides], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
@@ -82,7 +85,7 @@ def main() -> None:
         versus = "" if base_mean is None or name == "base" else f"{mean - base_mean:+.3f}"
         reached = [next((r["step"] for r in res["val"] if r["val_loss"] <= args.target), None) for res in results]
         config, overrides = VARIANTS[name]
-        what = " ".join(f"`{o}`" for o in overrides) or f"`{config}`"
+        what = " ".join([f"`{config}`"] * (config != BASE) + [f"`{o}`" for o in overrides]) or "(none)"
         print(f"| {name} | {what} | {parameters(name):,} | " + " | ".join(f"{x:.4f}" for x in losses)
               + f" | {mean:.4f} | {versus} | {', '.join(str(s or '-') for s in reached)} |", flush=True)
 
