@@ -26,8 +26,8 @@ TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 PROFILE_DIR = "profile"
-# Config keys a resume must not change: they define the checkpoint's shapes and ids.
-FROZEN_KEYS = ("model", "data.tokenizer")
+# Config keys a resume must not change: they define the checkpoint's shapes and ids (and its optimizer state).
+FROZEN_KEYS = ("model", "data.tokenizer", "optim.name")
 # Model keys that change how the model runs, not its parameters: a resume may change them (a run
 # started with model.dtype=float32 continues under the default auto; dropout may be raised).
 RUN_ONLY_MODEL_KEYS = ("dtype", "attention", "splash_block_q", "splash_block_kv", "remat", "dropout",

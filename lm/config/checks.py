@@ -6,8 +6,22 @@ import math
 import re
 
 from lm import storage
-from lm.config.sections import CHOICES, Config, DataConfig, ModelConfig, flatten, is_layer_flags, to_dict
+from lm.config.sections import (CHOICES, Config, DataConfig, ModelConfig, OptimConfig, flatten, is_layer_flags,
+                                to_dict)
 from lm.errors import LMError
+
+# Keys (or whole sections, ending in '.') that only some optimizers read. Under another optim.name
+# such a key must keep its default, since its value would be silently ignored.
+OPTIMIZER_KEYS = {
+    "optim.b1": ("adamw", "muon"),
+    "optim.b2": ("adamw", "muon"),
+    "optim.eps": ("adamw", "muon", "schedule_free_adamw"),
+    "optim.min_lr_ratio": ("adamw", "muon", "lion"),
+    "optim.decay_steps": ("adamw", "muon", "lion"),
+    "optim.muon.": ("muon",),
+    "optim.lion.": ("lion",),
+    "optim.schedule_free_adamw.": ("schedule_free_adamw",),
+}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -67,8 +81,31 @@ def validate(c: Config) -> None:
              "only one of parallel.data, parallel.fsdp, parallel.tensor may be -1 (fill the rest).")
     _require(p.cpu_devices >= 0, f"parallel.cpu_devices={p.cpu_devices} must be 0 (one per core) or a device count.")
     _require(math.isfinite(c.optim.lr), "optim.lr must be a finite number.")
+    _validate_optim(c.optim, flat)
     _require(0 < t.preemption_grace_s < math.inf, f"train.preemption_grace_s={t.preemption_grace_s} must be positive "
              "(the seconds the scheduler allows between SIGTERM and SIGKILL).")
+
+
+def _validate_optim(o: OptimConfig, flat: dict) -> None:
+    """The optimizer's own keys in range; another optimizer's keys at their defaults."""
+    defaults = flatten(to_dict(Config()))
+    for key, owners in OPTIMIZER_KEYS.items():
+        for name in (k for k in flat if k == key or (key.endswith(".") and k.startswith(key))):
+            whose = " and ".join(owner + "'s" for owner in owners)
+            _require(o.name in owners or flat[name] == defaults[name],
+                     f"config key '{name}' is set to {flat[name]!r}, but optim.name={o.name} ignores it (it is "
+                     f"{whose}); remove it, or set optim.name to {' or '.join(owners)}.")
+    for key in ("optim.muon.lr", "optim.muon.weight_decay", "optim.muon.consistent_rms",
+                "optim.schedule_free_adamw.weight_lr_power"):
+        _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
+    _require(o.muon.ns_steps > 0, f"optim.muon.ns_steps={o.muon.ns_steps} must be positive.")
+    sf = o.schedule_free_adamw
+    for key, inside, bounds in (("optim.muon.beta", 0 <= o.muon.beta < 1, "[0, 1)"),
+                                ("optim.lion.b1", 0 <= o.lion.b1 <= 1, "[0, 1]"),
+                                ("optim.lion.b2", 0 <= o.lion.b2 <= 1, "[0, 1]"),
+                                ("optim.schedule_free_adamw.b1", 0 < sf.b1 <= 1, "(0, 1]"),
+                                ("optim.schedule_free_adamw.b2", 0 <= sf.b2 < 1, "[0, 1)")):
+        _require(inside, f"config key '{key}' must be in {bounds}, got {flat[key]}.")
 
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")

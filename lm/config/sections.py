@@ -150,17 +150,51 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MuonConfig:
+    """optim.name=muon: Muon (Jordan 2024) on the hidden matrices; AdamW (optim.lr, b1, b2, eps) on the rest."""
+
+    lr: float = 0.02  # peak rate of the hidden matrices, on optim's schedule (Jordan's 0.02)
+    beta: float = 0.95  # momentum of the hidden matrices
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations of the orthogonalisation
+    weight_decay: float = 0.0  # decoupled decay of the hidden matrices, times muon.lr (optim.weight_decay: the rest)
+    consistent_rms: float = 0.0  # 0: updates scaled by sqrt(max(1, fan_out / fan_in)); > 0 (0.2: Moonlight): by
+    #                              consistent_rms * sqrt(max(fan_in, fan_out)), AdamW's update size
+
+
+@dataclasses.dataclass(frozen=True)
+class LionConfig:
+    """optim.name=lion (Chen et al. 2023): sign updates, rate and decay on optim.lr and optim.weight_decay."""
+
+    b1: float = 0.9  # interpolation of momentum and gradient inside the sign
+    b2: float = 0.99  # momentum decay
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleFreeConfig:
+    """optim.name=schedule_free_adamw (Defazio et al. 2024): no decay schedule; evaluated at the average."""
+
+    b1: float = 0.9  # interpolation between the average and the iterate where gradients are taken
+    b2: float = 0.999  # second-moment decay
+    weight_lr_power: float = 2.0  # the average weights step t by its lr ** weight_lr_power
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio after cosine decay
+    name: str = "adamw"  # adamw, muon, lion or schedule_free_adamw; keys of one optimizer live under optim.NAME.*
+    lr: float = 1e-3  # peak rate (muon: of its AdamW group, the hidden matrices use optim.muon.lr)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio after cosine decay (not schedule_free_adamw)
     warmup_steps: int = 100
-    decay_steps: int = 0  # 0: train.steps
+    decay_steps: int = 0  # 0: train.steps (not schedule_free_adamw)
     weight_decay: float = 0.1
     decay_embeddings: bool = False
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b1: float = 0.9  # AdamW's (adamw, and muon's AdamW group)
+    b2: float = 0.95  # AdamW's (adamw, and muon's AdamW group)
+    eps: float = 1e-8  # Adam's (adamw, muon's AdamW group, schedule_free_adamw)
     grad_clip: float = 1.0  # 0 disables global-norm clipping
+    muon: MuonConfig = MuonConfig()
+    lion: LionConfig = LionConfig()
+    schedule_free_adamw: ScheduleFreeConfig = ScheduleFreeConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +280,7 @@ CHOICES = {
     "data.spm_algorithm": ("bpe", "unigram"),
     "data.source": ("text_file", "tfds", "mixture"),
     "parallel.mode": ("mesh", "pmap"),
+    "optim.name": ("adamw", "muon", "lion", "schedule_free_adamw"),
 }
 
 

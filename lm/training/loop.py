@@ -144,14 +144,15 @@ def train(cfg: Config) -> list[dict]:
             if cfg.eval.every and _is_due(done, cfg.eval.every, cfg.train.steps):
                 flush()
                 watch.check(done)
-                val_loss, by_source = validation_loss(rt, state.params, data)
+                params = rt.eval_params(state.params, state.opt_state)  # schedule-free: its average
+                val_loss, by_source = validation_loss(rt, params, data)
                 record = {"step": done, "val_loss": val_loss}
                 if data.source_names:
                     record.update(val_loss_by_source=by_source, tokens_by_source=dict(data.tokens_by_source))
                 records.append(record)
                 log.write(record)
                 if samples:
-                    log.tensorboard.text("sample", sample_text(rt, state.params, prompt_P, tokenizer), done)
+                    log.tensorboard.text("sample", sample_text(rt, params, prompt_P, tokenizer), done)
                 last_time = time.perf_counter()
 
             # -- Checkpoint on schedule, at a new best validation loss (checkpoint.keep_best), and on

@@ -17,6 +17,7 @@ from lm.data.tokenizers import Tokenizer, load_tokenizer
 from lm.errors import LMError
 from lm.parallel.cpu import split_cpu
 from lm.training.checkpoint import Checkpoints
+from lm.training.optim import evaluated_apart
 from lm.training.runtime import Runtime, build
 
 
@@ -93,12 +94,15 @@ def open_run(run_dir: str | pathlib.Path, step: int | str | None = None, batch_s
 
 
 def load_params(run: OpenRun) -> RestoredRun:
-    """Builds the runtime and restores the chosen step's parameters, checking model and tokenizer."""
+    """Builds the runtime and restores the chosen step's parameters to evaluate, checking model and tokenizer."""
     rt = build(run.cfg, run.tokenizer)
     expect = {"tokenizer": run.tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
     try:
-        params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params,
-                                                   expect=rundir.restorable(expect))
+        if evaluated_apart(rt.cfg.optim):  # schedule-free: its average, from params and optimizer state
+            state, _ = run.checkpoints.restore_state(run.step, rt.restore_target, expect=rundir.restorable(expect))
+            params = rt.eval_params(state.params, state.opt_state)
+        else:
+            params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params, expect=rundir.restorable(expect))
     finally:
         run.checkpoints.close()
     return RestoredRun(dataclasses.replace(rt.cfg, model=rt.model_cfg), run.tokenizer, rt, params, run.step)

@@ -36,7 +36,7 @@ from lm.model.transformer import Transformer
 from lm.parallel import mesh as mesh_lib
 from lm.parallel.cpu import chunk_tokens, train_passes
 from lm.parallel.matmul import EIGEN_MATMULS, FAST_MIN_MAX, cpu_compiler_options, dense_dot_general
-from lm.training.optim import make_optimizer
+from lm.training.optim import eval_params, evaluated_apart, make_optimizer
 from lm.training.step import TrainState, eval_step, init_state, loss_chunk_tokens, train_step
 
 
@@ -93,8 +93,9 @@ def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: 
     abstract_params, params_sharding = mesh_lib.param_shardings(model, mesh, rules, seq_len)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = mesh_lib.replicated(mesh)
-    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
-                                         transform_non_params=lambda _: replicated)
+    opt_sharding = optax.tree_map_params(  # a parameter group's masked-out leaves (optax.partition) stay so
+        tx, lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s, abstract_opt, params_sharding,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     abstract = TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=abstract_params, opt_state=abstract_opt)
     return abstract, TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding)
 
@@ -114,6 +115,7 @@ class Runtime:
     init: Callable
     train_step: Callable
     eval_step: Callable
+    eval_params: Callable  # (params, opt_state) -> the parameters to evaluate (lm.training.optim.eval_params)
     train_passes: int  # micro-batches per update: train.grad_accum_steps, each chunked on CPU
     loss_chunk_tokens: int  # train.loss_chunk_tokens resolved (lm.training.step.token_losses)
     mapped: bool  # pmap: batches carry a leading device axis
@@ -240,10 +242,13 @@ def build(cfg: Config, tokenizer, devices=None, device_memory: int | None = None
         train_fn = jax.jit(step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                            donate_argnums=0, compiler_options=options)
         eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding), compiler_options=options)
+    evaluated = functools.partial(eval_params, cfg.optim)
+    if evaluated_apart(cfg.optim):
+        evaluated = jax.jit(evaluated, out_shardings=state_sharding.params)
     return Runtime(cfg=cfg, model=model, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract_state,
                    state_sharding=state_sharding, batch_sharding=batch_sharding, init=init, train_step=train_fn,
-                   eval_step=eval_fn, train_passes=passes, loss_chunk_tokens=loss_tokens, mapped=mapped,
-                   per_device=per_device)
+                   eval_step=eval_fn, eval_params=evaluated, train_passes=passes, loss_chunk_tokens=loss_tokens,
+                   mapped=mapped, per_device=per_device)
 
 
 def _pmapped(step: Callable, evaluate: Callable, devices, state_sharding: TrainState) -> tuple[Callable, Callable]:
