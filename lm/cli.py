@@ -16,12 +16,14 @@ overrides anywhere among their flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 from lm import jsonsafe
 
@@ -274,13 +276,15 @@ def _generate(args) -> None:
     if live:
         _write(prompts[0])
     shown = 0
-    try:
+    with _ctrl_c() as pressed:
         for texts in gen:
             if live:
                 _write("".join(text for _, text in texts))
             else:
                 shown = _show_samples(gen, shown, len(prompts), args)
-    except KeyboardInterrupt:
+            if pressed.is_set():
+                break
+    if pressed.is_set():
         texts = gen.interrupt()
         if live:
             _write("".join(text for _, text in texts) + "\n")
@@ -290,6 +294,25 @@ def _generate(args) -> None:
         sys.exit(130)
     if live:
         _write("\n")
+
+
+@contextlib.contextmanager
+def _ctrl_c() -> Iterator[threading.Event]:
+    """Within: the first Ctrl-C sets the event, for the caller to stop at its next device call (a
+    KeyboardInterrupt could land in a callback that ignores it); a second one stops at once."""
+    pressed = threading.Event()
+
+    def handle(signum, frame) -> None:
+        if pressed.is_set():
+            os.write(2, b"interrupted again: stopped at once\n")  # os.write: safe inside a signal handler
+            os._exit(130)
+        pressed.set()
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write(text: str) -> None:
