@@ -6,8 +6,9 @@ norm's input, q, k and v (after RoPE), the attention output and its softmax stat
 (gated: gate, up and their product; GELU: up and its activation), in the compute dtype;
 norms, RoPE and activation functions are recomputed from these. A remat policy keeps less
 across the layers and recomputes the rest one block at a time (that block's full set is
-counted once more). The loss keeps the final norm's input and the float32 logits of one
-slice of the cross-entropy (all of them when it is not tiled). Parameters, optimizer
+counted once more). The loss keeps the final norm's input and the logits of one slice of the
+cross-entropy (all of them when it is not tiled) as the head computes them, in the compute
+dtype: their float32 cast, like the softmax, is elementwise and recomputed. Parameters, optimizer
 state and gradients are not activations and are not counted here.
 
 `lm aot` prints this beside the compiler's temporaries, so a step's distance from it shows.
@@ -71,9 +72,9 @@ def activation_floor(cfg: ModelConfig, tokens: int, loss_tokens: int, remat: str
     full = layer_bytes_per_token(cfg, tensor)
     kept = _kept_per_token(cfg, remat or cfg.remat, full, tensor)
     recomputed = sum(full.values()) - kept if kept < sum(full.values()) else 0
+    b = jnp.dtype(cfg.dtype).itemsize
     return {
         "layers": cfg.n_layers * kept * tokens,
         "recomputed_block": recomputed * tokens,
-        "loss": cfg.d_model * jnp.dtype(cfg.dtype).itemsize * tokens
-        + loss_tokens * _split(cfg.vocab_size, tensor) * 4,
+        "loss": (cfg.d_model * tokens + loss_tokens * _split(cfg.vocab_size, tensor)) * b,
     }
