@@ -1,4 +1,4 @@
-"""python -m lm COMMAND ...: the `lm` command line (lm/cli.py)."""
+"""python -m lm COMMAND ...: the `lm` command line (lm/cli/)."""
 
 from lm.cli import main
 

@@ -55,17 +55,17 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 # -- 2. key=value overrides anywhere among the flags
 
 @pytest.mark.parametrize("argv, handler, overrides", [
-    (["train", "--config", TINY, "train.steps=1", "--debug", "run_dir=R"], "_train", ["train.steps=1", "run_dir=R"]),
-    (["train", "train.steps=1", "--config", TINY, "run_dir=R"], "_train", ["train.steps=1", "run_dir=R"]),  # train.py
-    (["bench", "--config", TINY, "train.steps=2", "--steps", "3", "train.seq_len=16"], "_bench",
+    (["train", "--config", TINY, "train.steps=1", "--debug", "run_dir=R"], "train_command", ["train.steps=1", "run_dir=R"]),
+    (["train", "train.steps=1", "--config", TINY, "run_dir=R"], "train_command", ["train.steps=1", "run_dir=R"]),  # train.py
+    (["bench", "--config", TINY, "train.steps=2", "--steps", "3", "train.seq_len=16"], "bench_command",
      ["train.steps=2", "train.seq_len=16"]),
-    (["hf", "import", "HF", "RUN", "--tokenizer", "byte", "train.seq_len=64"], "_hf_import", ["train.seq_len=64"]),
-    (["data", "prepare", "--config", TINY, "a=1", "--debug", "b=2"], "_data_prepare", ["a=1", "b=2"]),
-    (["aot", "--config", TINY, "a=1", "--topology", "v5e:2x4", "b=2"], "_aot", ["a=1", "b=2"]),
+    (["hf", "import", "HF", "RUN", "--tokenizer", "byte", "train.seq_len=64"], "hf_import_command", ["train.seq_len=64"]),
+    (["data", "prepare", "--config", TINY, "a=1", "--debug", "b=2"], "data_prepare_command", ["a=1", "b=2"]),
+    (["aot", "--config", TINY, "a=1", "--topology", "v5e:2x4", "b=2"], "aot_command", ["a=1", "b=2"]),
 ])
 def test_overrides_are_taken_anywhere_among_the_flags(monkeypatch, argv, handler, overrides):
     seen = []
-    monkeypatch.setattr(cli, handler, lambda args: seen.append(args.overrides))
+    monkeypatch.setattr(cli.commands, handler, lambda args: seen.append(args.overrides))
     cli.main(argv)
     assert seen == [overrides]
 
