@@ -57,4 +57,4 @@ def test_train_prints_only_its_own_lines_with_every_extra_installed(tmp_path):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
-    assert result.stdout.splitlines()[0].endswith("parameters | float32 compute, xla attention")  # the banner first
+    assert result.stdout.splitlines()[0].endswith("parameters (adamw) | float32 compute, xla attention")  # the banner first

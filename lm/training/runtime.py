@@ -131,13 +131,13 @@ class Runtime:
         return mesh_lib.with_shardings(self.abstract_state, self.state_sharding)
 
     def describe(self) -> str:
-        """One line on where the step runs: devices, mesh axes, parameter count, compute dtype and
-        attention implementation, and CPU passes."""
+        """One line on where the step runs: devices, mesh axes, parameter count and optimizer, compute
+        dtype and attention implementation, and CPU passes."""
         device = self.mesh.devices.flat[0]
         axes = " ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
         n_params = sum(leaf.size for leaf in jax.tree.leaves(self.abstract_state.params))
         line = (f"{self.mesh.size} x {device.device_kind} ({device.platform}) | {self.cfg.parallel.mode} {axes} | "
-                f"{n_params / 1e6:.2f}M parameters | {self.model_cfg.dtype} compute, "
+                f"{n_params / 1e6:.2f}M parameters ({self.cfg.optim.name}) | {self.model_cfg.dtype} compute, "
                 f"{self.model.kernels.attention_name} attention")
         if self.model_cfg.attention_dropout:
             line += f" with dropout {self.model_cfg.attention_dropout:g}"
