@@ -212,7 +212,8 @@ def test_local_paths_are_pathlib_and_checked_without_io(tmp_path):
 # -- The contract: train to gs://, SIGKILL, resume exactly; eval, export and plot from there.
 
 def train_argv(run_dir: str, text_file: pathlib.Path) -> list[str]:
-    return ["train.py", "--config", "configs/tiny.yaml", f"data.text_file={text_file}", f"run_dir={run_dir}"]
+    return ["train.py", "--config", "configs/tiny.yaml", f"data.text_file={text_file}", f"run_dir={run_dir}",
+            "checkpoint.keep_best=true"]
 
 
 def comparable(metrics_jsonl: str) -> dict[tuple[int, str], dict]:
@@ -262,14 +263,15 @@ def test_a_run_in_a_bucket_resumes_after_sigkill_exactly_and_evaluates_like_a_lo
     assert {"run/config.yaml", "run/tokenizer.json"} <= set(names)
     assert any(name.startswith("run/events.out.tfevents.") for name in names)  # TensorBoard's, via tensorboardX
 
-    # eval.py prints the same figures; the export holds the same weights; lm plot reads the bucket.
+    # eval.py prints the same figures; the export of the best checkpoint holds the same weights; lm plot
+    # reads the bucket.
     figures = [lm_command(["eval.py", "--run_dir", run_dir, "--json"], env) for run_dir in ("gs://lm-test/run",
                                                                                             str(local))]
     assert figures[0].returncode == 0, figures[0].stderr
     assert json.loads(figures[0].stdout) == json.loads(figures[1].stdout)
     for run_dir, out in (("gs://lm-test/run", tmp_path / "hf_bucket"), (str(local), tmp_path / "hf_local")):
-        exported = lm_command(["-m", "lm", "hf", "export", run_dir, str(out)], env)
-        assert exported.returncode == 0, exported.stderr
+        exported = lm_command(["-m", "lm", "hf", "export", run_dir, str(out), "--step", "best"], env)
+        assert exported.returncode == 0 and "best checkpoint: step " in exported.stderr, exported.stderr
     bucket_weights, local_weights = (load_file(tmp_path / d / "model.safetensors") for d in ("hf_bucket", "hf_local"))
     assert bucket_weights.keys() == local_weights.keys()
     assert all((bucket_weights[k] == local_weights[k]).all() for k in local_weights)

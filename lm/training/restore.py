@@ -56,8 +56,9 @@ def best_step(ckpts: Checkpoints, run_dir: str | pathlib.Path) -> tuple[int, flo
 
 def best_checkpoint(run_dir: str | pathlib.Path) -> tuple[int, float]:
     """`best_step` of the run in `run_dir`, read without building anything."""
+    run_dir = storage.path(run_dir, "run_dir")  # a local directory or gs://
     rundir.read_config(run_dir)  # refuses a directory that holds no run
-    ckpts = Checkpoints(pathlib.Path(run_dir) / rundir.CHECKPOINT_DIR, read_only=True)
+    ckpts = Checkpoints(run_dir / rundir.CHECKPOINT_DIR, read_only=True)
     try:
         return best_step(ckpts, run_dir)
     finally:
