@@ -184,3 +184,15 @@ def test_schedule_free_is_validated_evaluated_and_exported_at_its_average(traine
     logged = [r["val_loss"] for r in _metrics(run_dir) if r["step"] == 12 and "val_loss" in r]
     assert logged == [pytest.approx(validation_loss(rt, average, data)[0], rel=1e-6)]
     assert validation_loss(rt, state.params, data)[0] != pytest.approx(logged[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("name, note", [("adamw", True), ("schedule_free_adamw", False)])
+def test_extending_a_run_notes_a_rate_that_changes_and_only_that(capsys, name, note):
+    """A higher train.steps restretches the cosine decay (said in one line); schedule-free's rate is
+    constant after warmup, so extending it changes nothing and says nothing."""
+    from lm.training.loop import _note_schedule_change
+
+    old = _config(name, "train.steps=100")
+    _note_schedule_change(old, replace(old, **{"train.steps": 200}), 100)
+    out = capsys.readouterr().out
+    assert out.startswith("note: the learning rate of step 101") if note else out == "", out

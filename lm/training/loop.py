@@ -34,7 +34,7 @@ from lm.parallel.cpu import split_cpu
 from lm.parallel.mesh import maybe_initialize_distributed
 from lm.training.checkpoint import Checkpoints
 from lm.training.guards import NonfiniteWatch, Preemption
-from lm.training.optim import make_schedule, warmup_warning
+from lm.training.optim import make_optimizer, warmup_warning
 from lm.training.runtime import Runtime, build
 
 
@@ -203,7 +203,7 @@ def _saved_run(cfg: Config, run_dir) -> tuple[Config, int] | None:
 def _note_schedule_change(old: Config, new: Config, step: int) -> None:
     """One line when the resumed config's learning rate for step+1 differs from the run's own schedule
     (e.g. a finished run extended with a higher train.steps: the cosine decay restretches)."""
-    was, now = (float(make_schedule(c.optim, c.train.steps)(step)) for c in (old, new))
+    was, now = (float(make_optimizer(c.optim, c.train.steps)[1](step)) for c in (old, new))
     if abs(now - was) <= 1e-6 * max(abs(was), abs(now)):
         return
     hint = ""
