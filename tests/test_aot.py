@@ -204,6 +204,19 @@ def test_fit_searches_cheapest_first_and_stops_early(monkeypatch, capsys):
     assert refused and not any(c["fits"] for c in r["candidates"])  # refusals counted at the compiler's figure
 
 
+def test_fit_says_why_a_config_is_refused_as_analyse_does(shakespeare):
+    """A config no layout can change (a TPU kernel on a GPU) is refused by --fit in the same words."""
+    from lm.tools.fit import fit
+
+    cfg = load_config("configs/tiny.yaml", [f"data.text_file={shakespeare}", "model.attention=splash",
+                                           "train.seq_len=128", "model.max_seq_len=128"])
+    with pytest.raises(LMError) as without_fit:
+        aot.analyse(cfg, "h100:1")
+    with pytest.raises(LMError) as with_fit:
+        fit(cfg, "h100:1")
+    assert "splash" in str(without_fit.value) and str(with_fit.value) == str(without_fit.value)
+
+
 def test_fit_finds_a_layout_that_fits(reports, shakespeare):
     from lm.tools.fit import fit
 

@@ -45,7 +45,7 @@ def fit(cfg: Config, topology: str) -> dict:
     chip, devices = accelerators.topology_devices(topology)
     n = len(devices)
     ways = n // mesh_shape(cfg.parallel, n)[2]
-    tried, fitting = [], []
+    tried, fitting, refusal = [], [], None
     for remat in REMAT_TIERS:
         best_accum = None
         for layout in layouts(cfg, n):
@@ -56,7 +56,8 @@ def fit(cfg: Config, topology: str) -> dict:
                 try:
                     trial = replace(cfg, **candidate)
                     rt, compiled = accelerators.compile_step(trial, devices, device_memory=chip.capacity)
-                except LMError:  # a layout this config cannot take (e.g. d_model over fsdp)
+                except LMError as e:  # a layout this config cannot take (e.g. d_model over fsdp)
+                    refusal = e
                     break
                 except Exception as e:
                     if not accelerators.refused(e):
@@ -73,6 +74,8 @@ def fit(cfg: Config, topology: str) -> dict:
                     break
         if fitting:
             break
+    if not tried and refusal is not None:  # no layout built: the config itself is refused, as without --fit
+        raise refusal
     if not fitting:
         closest = min(tried, key=lambda c: c["hbm_needed_bytes"]) if tried else None
         return {"topology": topology, "fits": False, "overrides": [], "closest": closest, "candidates": tried,
