@@ -237,3 +237,5 @@ def test_dropout_keeps_its_share_scales_and_follows_its_rng():
     bits = np.asarray(hashed_bits((4096,), jnp.array([7, 9], jnp.uint32)))
     assert len(np.unique(bits)) == 4096 and abs(np.unpackbits(bits.view(np.uint8)).mean() - 0.5) < 0.01
     assert (Dropout(0.2, deterministic=True).apply({}, x) == x).all()
+    for shape in ((1, 65536, 65536), (1, 1, 65536, 65536)):  # exactly 2**32 elements (traced, not computed)
+        assert jax.eval_shape(lambda: hashed_bits(shape, jnp.array([7, 9], jnp.uint32))).shape == shape

@@ -177,7 +177,7 @@ def hashed_bits(shape: tuple[int, ...], seed_2: jax.Array, start: tuple[int, ...
         if stride * whole[axis] > 2**32 and trailing is None:  # the flat index would wrap: count the rest apart
             trailing, index, stride = index, jnp.zeros(shape, jnp.uint32), 1
         position = jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + jnp.uint32(start[axis])
-        index = index + position * jnp.uint32(stride)
+        index = index + position * jnp.uint32(stride % 2**32)  # 2**32 only before leading axes of size 1
         stride *= whole[axis]
     if trailing is None:
         return _mix32(_mix32(index ^ seed_2[0]) ^ seed_2[1])
