@@ -206,9 +206,14 @@ def test_a_mixture_resume_is_refused_before_any_dataset_is_built(trained, tmp_pa
 
 # -- 9, 15. Hugging Face import and export, file modes
 
-def test_hf_export_writes_the_tokenizer_and_import_names_the_eval_that_works(trained, tmp_path, capsys):
+def test_hf_export_writes_the_tokenizer_and_import_names_the_eval_that_works(trained, tmp_path, capsys, monkeypatch):
     from tokenizers import Tokenizer
 
+    with monkeypatch.context() as without:  # no `tokenizers`: one line, and no model a retry would refuse
+        without.setitem(sys.modules, "tokenizers", None)
+        code, out, err = run_cli(["hf", "export", str(trained), str(tmp_path / "hf")], capsys)
+    assert code == 2 and err.startswith("error: exporting a byte-level run's tokenizer needs the 'tokenizers'"), err
+    assert not any((tmp_path / "hf" / name).exists() for name in ("config.json", "model.safetensors"))
     code, out, err = run_cli(["hf", "export", str(trained), str(tmp_path / "hf")], capsys)
     assert code == 0, err
     assert "(config.json, model.safetensors, tokenizer.json, tokenizer_config.json)" in out

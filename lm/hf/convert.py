@@ -192,8 +192,8 @@ def export_run(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: in
     to_hf = hf_weights.params_to_gpt2 if config["model_type"] == "gpt2" else hf_weights.params_to_llama
     tensors = {k: np.ascontiguousarray(v) for k, v in to_hf(params, cfg).items()}
     hf_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_files.write_tokenizer(run.tokenizer, hf_dir)  # first: a failure here leaves no model to refuse
     save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(hf_dir / "model.safetensors", storage.new_file_mode())  # safetensors writes 0600
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    tokenizer_files.write_tokenizer(run.tokenizer, hf_dir)
     return hf_dir

@@ -15,6 +15,7 @@ import pathlib
 
 from lm.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from lm.data.tokenizers import hf as hf_tokenizer
+from lm.errors import LMError
 
 BYTE_SPECIALS = {PAD_ID: "<|pad|>", BOS_ID: "<|bos|>", EOS_ID: "<|eos|>"}
 
@@ -47,7 +48,11 @@ def byte_characters() -> list[str]:
 
 def _byte_tokenizer():
     """lm's byte ids as a `tokenizers` BPE without merges over the 256 byte characters."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise LMError("exporting a byte-level run's tokenizer needs the 'tokenizers' package; install it with "
+                      "pip install -e '.[hf]'.") from None
 
     offset = len(BYTE_SPECIALS)
     vocab = {**{token: i for i, token in BYTE_SPECIALS.items()},
