@@ -110,6 +110,13 @@ def test_zero_values_mean_what_docs_config_md_says(tmp_path, monkeypatch, capsys
         load_config(TINY, ["eval.batches=0"])
 
 
+def test_keep_best_needs_a_validation():
+    with pytest.raises(LMError, match="checkpoint.keep_best=true keeps the checkpoint with the lowest validation "
+                                      "loss, but eval.every=0 runs no validation"):
+        load_config(TINY, ["checkpoint.keep_best=true", "eval.every=0"])
+    assert load_config(TINY, ["checkpoint.keep_best=true", "eval.every=5"]).checkpoint.keep_best
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.b2=1.5", r"optim.b2=1.5 must be in \[0, 1\)"),
     ("optim.b1=-0.1", r"optim.b1=-0.1 must be in \[0, 1\)"),

@@ -121,6 +121,8 @@ def test_adamw_keys_are_refused_under_lion_and_the_sections_round_trip(tmp_path)
         load_config(ROOT / "configs" / "shakespeare_cpu.yaml", ["optim.name=lion"])
     with pytest.raises(LMError, match="optim.muon.ns_steps"):
         load_config(None, ["optim.name=muon", "optim.muon.ns_steps=0"])
+    with pytest.raises(LMError, match="'optim.muon.lr' must be finite and not negative, got inf"):
+        load_config(None, ["optim.name=muon", "optim.muon.lr=inf"])
     with pytest.raises(LMError, match=r"optim.schedule_free_adamw.b1' must be in \(0, 1\]"):
         load_config(None, ["optim.name=schedule_free_adamw", "optim.schedule_free_adamw.b1=0"])
     cfg = load_config(None, ["optim.name=muon", "optim.muon.lr=0.05", "optim.muon.nesterov=false"])

@@ -81,6 +81,9 @@ def validate(c: Config) -> None:
              "only one of parallel.data, parallel.fsdp, parallel.tensor may be -1 (fill the rest).")
     _require(p.cpu_devices >= 0, f"parallel.cpu_devices={p.cpu_devices} must be 0 (one per core) or a device count.")
     _require(math.isfinite(c.optim.lr), "optim.lr must be a finite number.")
+    _require(not c.checkpoint.keep_best or c.eval.every > 0,
+             "checkpoint.keep_best=true keeps the checkpoint with the lowest validation loss, but eval.every=0 runs "
+             "no validation; set eval.every > 0, or checkpoint.keep_best=false.")
     _validate_optim(c.optim, flat)
     _require(0 < t.preemption_grace_s < math.inf, f"train.preemption_grace_s={t.preemption_grace_s} must be positive "
              "(the seconds the scheduler allows between SIGTERM and SIGKILL).")
@@ -97,7 +100,7 @@ def _validate_optim(o: OptimConfig, flat: dict) -> None:
                      f"{whose}); remove it, or set optim.name to {' or '.join(owners)}.")
     for key in ("optim.muon.lr", "optim.muon.weight_decay", "optim.muon.consistent_rms",
                 "optim.schedule_free_adamw.weight_lr_power"):
-        _require(flat[key] >= 0, f"config key '{key}' must not be negative, got {flat[key]}.")
+        _require(0 <= flat[key] < math.inf, f"config key '{key}' must be finite and not negative, got {flat[key]}.")
     _require(o.muon.ns_steps > 0, f"optim.muon.ns_steps={o.muon.ns_steps} must be positive.")
     sf = o.schedule_free_adamw
     for key, inside, bounds in (("optim.muon.beta", 0 <= o.muon.beta < 1, "[0, 1)"),
