@@ -273,6 +273,10 @@ def test_a_run_of_skipped_steps_stops_the_run(tmp_path):
         loop.train(load_config(TINY, blow_up))
     last = int(re.search(r"steps \d+-(\d+)", str(caught.value)).group(1))
     assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).latest() < last
+    # Resumed, the streak its newest checkpoint was in still counts: the run stops at the same step.
+    with pytest.raises(LMError, match=r"training diverged: steps (\d+)-(\d+)") as again:
+        loop.train(load_config(TINY, blow_up))
+    assert again.value.args == caught.value.args
 
     watch = NonfiniteWatch(skip=True, max_consecutive=3)
     for step, flag in enumerate([1, 1, 0, 1, 1], 1):

@@ -97,11 +97,11 @@ class NonfiniteWatch:
     and `max_consecutive` flagged steps in a row (0: no limit) stop the run the same way.
     """
 
-    def __init__(self, skip: bool, skipped: int = 0, max_consecutive: int = 0):
+    def __init__(self, skip: bool, skipped: int = 0, max_consecutive: int = 0, consecutive: int = 0):
         self.skip = skip
         self.skipped = skipped
         self.max_consecutive = max_consecutive
-        self.consecutive = 0  # flagged steps in a row, up to the last step read
+        self.consecutive = consecutive  # flagged steps in a row, up to the last step read (a checkpoint's, resumed)
         self._flags: list[tuple[int, jax.Array]] = []
 
     def add(self, step: int, flag: jax.Array) -> None:
@@ -125,5 +125,5 @@ class NonfiniteWatch:
             if self.consecutive == self.max_consecutive:
                 raise LMError(f"training diverged: steps {step - self.consecutive + 1}-{step} all had NaN or Inf "
                               f"loss or gradients and were skipped (train.max_consecutive_skips="
-                              f"{self.max_consecutive}); nothing from there on was checkpointed; resume from the "
-                              "newest checkpoint with a lower optim.lr, or raise train.max_consecutive_skips.")
+                              f"{self.max_consecutive}); resume from the newest checkpoint with a lower optim.lr, or raise "
+                              "train.max_consecutive_skips.")

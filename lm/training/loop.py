@@ -69,10 +69,10 @@ def train(cfg: Config) -> list[dict]:
         meta = {"tokenizer": tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
 
         # -- Resume from the newest checkpoint (step 0 is an imported model's weights), or init.
-        start, skipped = ckpts.latest(), 0
+        start, saved = ckpts.latest(), {}
         if start is not None:
             state, saved = ckpts.restore_state(start, rt.restore_target, expect=rundir.restorable(meta))
-            state, skipped = state.replace(step=rt.place_step(start)), saved.get("skipped_steps", 0)
+            state = state.replace(step=rt.place_step(start))
             data.restore(saved.get("data"))
             print(f"resumed from {ckpts.directory}/{start}", flush=True)
             if existing:
@@ -85,7 +85,8 @@ def train(cfg: Config) -> list[dict]:
             print(rt.describe(), flush=True)
             if warning := warmup_warning(cfg.optim, cfg.train.steps):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
-        watch = NonfiniteWatch(cfg.train.skip_nonfinite, skipped, cfg.train.max_consecutive_skips)
+        watch = NonfiniteWatch(cfg.train.skip_nonfinite, saved.get("skipped_steps", 0), cfg.train.max_consecutive_skips,
+                               saved.get("consecutive_skips", 0))
         log = cleanup.enter_context(contextlib.closing(MetricsLog(run_dir, start, cfg.train.steps,
                                                                   cfg.log.tensorboard)))
         profiler = cleanup.enter_context(contextlib.closing(Profiler(run_dir, cfg.profile.start_step,
@@ -164,7 +165,8 @@ def train(cfg: Config) -> list[dict]:
                     improved and cfg.checkpoint.keep_best):
                 flush()  # the step's record is logged before its checkpoint
                 watch.check(done)  # never checkpoint a diverged state
-                ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, **meta, "data": data.state()},
+                ckpts.save(state, {"step": done, "skipped_steps": watch.skipped, "consecutive_skips": watch.consecutive,
+                                   **meta, "data": data.state()},
                            val_loss=val_loss)
                 log.sync()  # metrics.jsonl in a bucket is uploaded whole (lm.storage.Lines)
             if preempted:
