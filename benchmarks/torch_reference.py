@@ -131,7 +131,7 @@ def main() -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.99), eps=1e-8, fused=args.fused_adamw or None)
     total, warm = (args.steps if args.whole_run else max(args.steps, 2000)), args.lr_warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(warm, 1), 0.1 + 0.45 * (
         1 + math.cos(math.pi * min(max(s - warm, 0) / (total - warm), 1.0)))))
     forward = torch.compile(model) if args.compile else model
     rng = np.random.default_rng(args.seed)
@@ -193,16 +193,16 @@ def whole_run(args, model, forward, opt, step, val_windows) -> None:
     run_dir = pathlib.Path(tempfile.mkdtemp(prefix="torch_run_"))
     for done in range(1, args.steps + 1):
         loss = step()
-        if done % args.log_every == 0 or done == args.steps:
+        if (args.log_every and done % args.log_every == 0) or done == args.steps:  # 0: the last only
             print(f"step {done:>6}/{args.steps} | loss {loss:.4f}", flush=True)
-        if done % args.eval_every == 0 or done == args.steps:
+        if args.eval_every and (done % args.eval_every == 0 or done == args.steps):  # 0: none
             model.eval()
             with torch.no_grad():
                 losses = [F.cross_entropy(forward(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()).item()
                           for w in (val_windows() for _ in range(args.eval_batches))]
             model.train()
             print(f"step {done:>6}/{args.steps} | val_loss {sum(losses) / len(losses):.4f}", flush=True)
-        if done % args.checkpoint_every == 0 or done == args.steps:
+        if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.steps:
             tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
             moments = {f"opt.{i}.{name}": t for i, state in enumerate(opt.state.values())
                        for name, t in state.items() if torch.is_tensor(t) and t.dim() > 0}
