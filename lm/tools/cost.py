@@ -62,7 +62,8 @@ def _cost(compiled, block_q: int = 0) -> np.ndarray | None:
 
 
 def _optimizer_cost(rt) -> np.ndarray:
-    """Cost of the optimizer update alone (AdamW, apply; the step clips with one scale), on the state's shardings."""
+    """Cost of the optimizer update alone (optim.name's, and its apply; the step clips with one scale), on the
+    state's shardings."""
     import jax
     import optax
 

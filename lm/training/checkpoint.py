@@ -5,9 +5,10 @@ loss, which Orbax records beside a step saved with one (its `metrics`) and ranks
 
 Writes are atomic (Orbax commits a finished step directory by renaming it, or in a gs://
 bucket, where nothing renames, by writing its commit_success.txt last), so an interrupted
-save never leaves a step that restore would read; its leftovers are removed when the run restarts. Meta records fingerprints of params and opt_state,
-checked on restore, and any failure to read a step is one LMError. Restores place
-arrays on the current mesh, whatever mesh wrote them. Parameters restore alone for evaluation.
+save never leaves a step that restore would read; its leftovers are removed when the run
+restarts. Meta records fingerprints of params and opt_state, checked on restore, and any
+failure to read a step is one LMError. Restores place arrays on the current mesh, whatever
+mesh wrote them. Parameters restore alone for evaluation.
 
 Fingerprints: Orbax notices missing or truncated files, but a flipped byte inside a chunk
 restores silently as a different number. The fingerprint of a tree is a SHA-256 over one
