@@ -97,13 +97,13 @@ def open_run(run_dir: str | pathlib.Path, step: int | str | None = None, batch_s
 def load_params(run: OpenRun) -> RestoredRun:
     """Builds the runtime and restores the chosen step's parameters to evaluate, checking model and tokenizer."""
     rt = build(run.cfg, run.tokenizer)
-    expect = {"tokenizer": run.tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]}
+    expect = rundir.restorable({"tokenizer": run.tokenizer.to_json(), "model": config_lib.to_dict(rt.cfg)["model"]})
     try:
         if evaluated_apart(rt.cfg.optim):  # schedule-free: its average, from params and optimizer state
-            state, _ = run.checkpoints.restore_state(run.step, rt.restore_target, expect=rundir.restorable(expect))
+            state, _ = run.checkpoints.restore_state(run.step, rt.restore_target, expect=expect)
             params = rt.eval_params(state.params, state.opt_state)
         else:
-            params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params, expect=rundir.restorable(expect))
+            params, _ = run.checkpoints.restore_params(run.step, rt.restore_target.params, expect=expect)
     finally:
         run.checkpoints.close()
     return RestoredRun(dataclasses.replace(rt.cfg, model=rt.model_cfg), run.tokenizer, rt, params, run.step)
